@@ -1,0 +1,37 @@
+"""Token bucket used to emulate a link's upload or download rate on the direct path."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class TokenBucket:
+    """Blocks callers so that at most `rate` bytes per second pass on average.
+
+    `rate=0` means unlimited. The bucket holds at most `burst` bytes (default: 50 ms
+    of traffic, at least 64 KiB), so an idle link does not bank a long burst.
+    A consume larger than the bucket borrows against the future: the call returns
+    when the bytes would have passed at the configured rate.
+    """
+
+    def __init__(self, rate: float, burst: float | None = None):
+        self.rate = float(rate)
+        self.capacity = float(burst if burst is not None else max(65536.0, self.rate * 0.05))
+        self._tokens = self.capacity
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def consume(self, nbytes: int) -> float:
+        """Take `nbytes`, sleeping as needed; returns the seconds slept."""
+        if self.rate <= 0 or nbytes <= 0:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            self._tokens -= nbytes
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            time.sleep(wait)
+        return wait

@@ -1,0 +1,5 @@
+"""Mapping layer: uid ↔ (machine, rank) ↔ address, and split stage configurations → edges."""
+
+from .linear import PORTS_PER_NODE, LinearMapping, MappingError, read_ip_file
+
+__all__ = ["PORTS_PER_NODE", "LinearMapping", "MappingError", "read_ip_file"]

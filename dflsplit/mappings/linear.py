@@ -1,0 +1,133 @@
+"""Linear mapping of node ids to machines, ranks and addresses.
+
+uid = machine_id × procs_per_machine + rank. Machine ids map to hosts through an
+``ip.json``-style file (``{"0": "127.0.0.1", "1": "10.0.0.2"}``), as in decentralizepy.
+Each node owns `PORTS_PER_NODE` consecutive ports from `base_port`, so two runs can
+share a host by choosing different base ports.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Mapping as TMapping
+
+PORTS_PER_NODE = 2  # control plane (ZeroMQ), data plane (libtorrent)
+
+
+class MappingError(ValueError):
+    """A problem with the ip file or the process layout."""
+
+
+class LinearMapping:
+    """Names of the nodes of a run: uid ↔ (machine, rank) ↔ host and ports."""
+
+    def __init__(self, machines: int, procs_per_machine: int, hosts: TMapping[int, str], base_port: int):
+        self.machines = machines
+        self.procs_per_machine = procs_per_machine
+        self.hosts = dict(hosts)
+        self.base_port = base_port
+        missing = [m for m in range(machines) if m not in self.hosts]
+        if missing:
+            raise MappingError(
+                f"no host for machine(s) {missing}; the ip mapping holds {self._listing()}"
+            )
+        if base_port + PORTS_PER_NODE * self.num_nodes > 65535:
+            raise MappingError(
+                f"base_port {base_port} leaves too few ports for {self.num_nodes} nodes "
+                f"({PORTS_PER_NODE} each)"
+            )
+
+    def _listing(self) -> str:
+        return ", ".join(f"{m}: {h}" for m, h in sorted(self.hosts.items())) or "nothing"
+
+    @classmethod
+    def from_config(cls, cfg) -> "LinearMapping":
+        """Build from a Config's `run` section (ip_file optional: all machines on 127.0.0.1)."""
+        r = cfg.run
+        if r.ip_file is None:
+            if r.machines != 1:
+                raise MappingError(
+                    f"{cfg.path or '<config>'}: section 'run': key 'ip_file' is required when "
+                    f"machines > 1 (got machines={r.machines})"
+                )
+            hosts = {0: "127.0.0.1"}
+        else:
+            hosts = read_ip_file(cfg.resolve(r.ip_file))
+        mapping = cls(r.machines, r.procs_per_machine, hosts, r.base_port)
+        if r.machine_id not in mapping.hosts:
+            raise MappingError(
+                f"{r.ip_file}: this machine (machine_id {r.machine_id}) is not in the ip file; "
+                f"it holds {mapping._listing()}"
+            )
+        return mapping
+
+    @property
+    def num_nodes(self) -> int:
+        return self.machines * self.procs_per_machine
+
+    def uid(self, machine: int, rank: int) -> int:
+        if not (0 <= machine < self.machines and 0 <= rank < self.procs_per_machine):
+            raise MappingError(f"(machine {machine}, rank {rank}) is outside the run's layout")
+        return machine * self.procs_per_machine + rank
+
+    def machine_rank(self, uid: int) -> tuple[int, int]:
+        self._check(uid)
+        return divmod(uid, self.procs_per_machine)
+
+    def local_uids(self, machine: int) -> list[int]:
+        return [self.uid(machine, r) for r in range(self.procs_per_machine)]
+
+    def host(self, uid: int) -> str:
+        return self.hosts[self.machine_rank(uid)[0]]
+
+    def control_port(self, uid: int) -> int:
+        self._check(uid)
+        return self.base_port + PORTS_PER_NODE * uid
+
+    def data_port(self, uid: int) -> int:
+        self._check(uid)
+        return self.base_port + PORTS_PER_NODE * uid + 1
+
+    def control_address(self, uid: int) -> str:
+        return f"tcp://{self.host(uid)}:{self.control_port(uid)}"
+
+    def ports(self, uid: int) -> list[int]:
+        return [self.control_port(uid), self.data_port(uid)]
+
+    def _check(self, uid: int) -> None:
+        if not 0 <= uid < self.num_nodes:
+            raise MappingError(f"node {uid} is not in this run (0..{self.num_nodes - 1})")
+
+    def check_ports_free(self, uid: int) -> None:
+        """Raise MappingError naming the node and port if one of its ports is taken."""
+        for port in self.ports(uid):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((self.host(uid), port))
+                except OSError as e:
+                    raise MappingError(
+                        f"node {uid}: port {port} on {self.host(uid)} is already in use ({e.strerror}); "
+                        f"choose another run.base_port"
+                    ) from None
+
+
+def read_ip_file(path: str | Path) -> dict[int, str]:
+    """Read a decentralizepy-style ip.json: machine id (string) → host."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MappingError(f"{path}: ip file not found") from None
+    except json.JSONDecodeError as e:
+        raise MappingError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise MappingError(f'{path}: expected a JSON object like {{"0": "127.0.0.1"}}')
+    hosts = {}
+    for k, v in data.items():
+        try:
+            hosts[int(k)] = str(v)
+        except ValueError:
+            raise MappingError(f"{path}: machine id {k!r} is not an integer") from None
+    return hosts

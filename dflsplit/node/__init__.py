@@ -1,0 +1,6 @@
+"""Node layer: one participant's lifecycle; implementations registered by name."""
+
+from .base import NODES, Node
+from . import dpsgd  # noqa: F401  (registers "dpsgd")
+
+__all__ = ["NODES", "Node"]

@@ -1,0 +1,88 @@
+"""Node layer: the lifecycle of one participant (connect, rounds, evaluate, results, shutdown)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..registry import Registry
+from ..results import ResultsWriter
+from ..graphs import graph_from_config
+from ..training import evaluate
+
+NODES: Registry[type["Node"]] = Registry("node")
+
+
+class Node:
+    """One participant. Subclasses implement `run_round`; `run` drives the lifecycle.
+
+    `context` carries what the launcher built for this node: cfg, uid, mapping, graph,
+    transport, model, data (NodeData), training, sharing, device, results writer, and
+    `report(event: dict)` to tell the launcher about progress.
+    """
+
+    def __init__(self, context: dict[str, Any]):
+        self.ctx = context
+        self.cfg = context["cfg"]
+        self.uid: int = context["uid"]
+        self.transport = context["transport"]
+        self.model: torch.nn.Module = context["model"]
+        self.data = context["data"]
+        self.results: ResultsWriter = context["results"]
+        self.report: Callable[[dict[str, Any]], None] = context.get("report", lambda e: None)
+        self.log = logging.getLogger(f"dflsplit.node.{self.uid}")
+
+    @classmethod
+    def topology(cls, cfg):
+        """The peer graph of a run of this node type (called once by the launcher)."""
+        return graph_from_config(cfg)
+
+    @classmethod
+    def local_uids(cls, cfg, mapping) -> list[int]:
+        """The node ids this machine runs."""
+        return mapping.local_uids(cfg.run.machine_id)
+
+    def peers(self) -> list[int]:
+        """Nodes this one exchanges with (handshake targets)."""
+        return self.ctx["graph"].neighbors(self.uid)
+
+    def connect(self) -> None:
+        self.transport.connect(self.peers())
+
+    def run_round(self, round_: int) -> dict[str, Any]:
+        """One round; returns the round's record fields (train_loss at least)."""
+        raise NotImplementedError
+
+    def should_test(self, round_: int) -> bool:
+        last = round_ == self.cfg.run.rounds - 1
+        return last or (round_ + 1) % self.cfg.node.test_after == 0
+
+    def test(self) -> tuple[float, float]:
+        return evaluate(self.model, self.data.test_x, self.data.test_y, self.cfg.training.eval_batch_size)
+
+    def run(self) -> None:
+        self.connect()
+        self.report({"event": "connected", "uid": self.uid, "time": time.time()})
+        for r in range(self.cfg.run.rounds):
+            self.transport.advance(r)
+            t0 = time.perf_counter()
+            record = {"round": r, **self.run_round(r)}
+            record["round_seconds"] = time.perf_counter() - t0
+            test_loss = test_acc = None
+            eval_seconds = 0.0
+            if self.should_test(r):
+                t1 = time.perf_counter()
+                test_loss, test_acc = self.test()
+                eval_seconds = time.perf_counter() - t1
+            record.update(
+                test_loss=test_loss, test_acc=test_acc, eval_seconds=eval_seconds,
+                bytes_sent=self.transport.bytes_sent, bytes_received=self.transport.bytes_received,
+                wall_time=time.time(),
+            )
+            self.results.append(record)
+            self.report({"event": "round", "uid": self.uid, **record})
+            if test_acc is not None:
+                self.log.info("round %d: train_loss %.4f test_acc %.4f", r, record.get("train_loss", float("nan")), test_acc)

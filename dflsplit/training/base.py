@@ -1,0 +1,73 @@
+"""Training layer: local optimisation steps on a model and a data shard, and evaluation."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+
+TRAININGS: Registry[type["Training"]] = Registry("training")
+
+
+def build_optimizer(cfg, params) -> torch.optim.Optimizer:
+    """The optimizer named by `cfg.name` (an OptimizerConfig)."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer.name: unknown optimizer {cfg.name!r}; known: sgd, adam")
+
+
+class BatchSampler:
+    """Endless mini-batches of a shard: reshuffled each pass, deterministic for a generator."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        if n == 0:
+            raise ValueError("cannot sample batches from an empty shard")
+        self.n, self.batch_size, self.gen = n, min(batch_size, n), generator
+        self._order = torch.randperm(n, generator=generator)
+        self._pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self._pos + self.batch_size > self.n:
+            self._order = torch.randperm(self.n, generator=self.gen)
+            self._pos = 0
+        idx = self._order[self._pos : self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return idx
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        return max(1, math.ceil(epochs * self.n / self.batch_size))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of `model` on (x, y)."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        out = model(x[i : i + batch_size])
+        total_loss += nn.functional.cross_entropy(out, y[i : i + batch_size], reduction="sum").item()
+        correct += (out.argmax(1) == y[i : i + batch_size]).sum().item()
+    model.train(was_training)
+    n = max(1, len(y))
+    return total_loss / n, correct / n
+
+
+class Training(ABC):
+    """Runs one round of local optimisation of `model` on a node's shard."""
+
+    def __init__(self, cfg, model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, seed: int):
+        self.cfg = cfg
+        self.model = model
+        self.x, self.y = train_x, train_y
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @abstractmethod
+    def train(self) -> float:
+        """Train for one round; return the mean training loss."""
