@@ -229,6 +229,9 @@ def _check(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error is the most precise
+            return _check(value, options[0], where)
         for a in args:
             if a is type(None):
                 continue
@@ -266,6 +269,8 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)):
+            raise ConfigError(f"{bad}; quote it in YAML to make it a string (unquoted, 1_1 reads as the number 11)")
         raise bad
     raise bad
 

@@ -1,0 +1,210 @@
+"""The ZeroMQ control plane and the tcp transport, over loopback."""
+
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+
+from dflsplit.communication import PayloadMismatch, PeerTimeout, build_transport
+from dflsplit.communication.codec import describe, encode
+from dflsplit.config import CommunicationConfig
+from dflsplit.mappings import LinearMapping, MappingError
+
+
+def start_all(n, base_port, **cfg_kw):
+    mapping = LinearMapping(1, n, {0: "127.0.0.1"}, base_port)
+    cfg = CommunicationConfig(name="tcp", timeout=5, hello_timeout=5, **cfg_kw)
+    ts = [build_transport(i, mapping, cfg) for i in range(n)]
+    for t in ts:
+        t.start()
+    return mapping, ts
+
+
+def in_parallel(fns):
+    errors = []
+
+    def wrap(f):
+        try:
+            f()
+        except Exception as e:  # pragma: no cover - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(f,)) for f in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    if errors:
+        raise errors[0]
+
+
+def connect_full(ts):
+    in_parallel([lambda t=t: t.connect([u.uid for u in ts if u is not t]) for t in ts])
+
+
+def close_all(ts):
+    in_parallel([lambda t=t: t.close(timeout=5) for t in ts])
+
+
+def test_publish_to_several_receivers_exact_and_counted(base_port):
+    _, ts = start_all(4, base_port)
+    try:
+        connect_full(ts)
+        tensors = {"w": torch.randn(100, 7), "b": torch.arange(5, dtype=torch.int32), "e": torch.zeros(0)}
+        ts[0].publish("model/0", tensors, to=[1, 2, 3], header={"round": 0})
+        for r in ts[1:]:
+            m = r.receive("model/0", 0, expect=describe(tensors))
+            assert m.sender == 0 and m.key == "model/0" and m.header == {"round": 0}
+            for k in tensors:
+                assert torch.equal(m.tensors[k], tensors[k])
+        payload = len(encode({"key": "model/0", "h": {"round": 0}}, tensors))
+        assert ts[0].bytes_sent >= 3 * payload
+        assert all(r.bytes_received >= payload for r in ts[1:])
+    finally:
+        close_all(ts)
+
+
+def test_receive_by_key_out_of_order_and_receive_any(base_port):
+    _, ts = start_all(2, base_port)
+    try:
+        connect_full(ts)
+        for k in ("a/2", "a/1", "b/1"):
+            ts[0].publish(k, {"x": torch.tensor([float(len(k))])}, to=[1])
+        assert ts[1].receive("a/1", 0).key == "a/1"
+        assert ts[1].receive_any(prefix="b/").key == "b/1"
+        assert ts[1].receive_any().key == "a/2"
+    finally:
+        close_all(ts)
+
+
+def test_receive_timeout_names_peer_and_key(base_port):
+    _, ts = start_all(2, base_port)
+    try:
+        connect_full(ts)
+        t0 = time.monotonic()
+        with pytest.raises(PeerTimeout, match=r"node 1: no 'model/3' from node 0 within 0.3 s"):
+            ts[1].receive("model/3", 0, timeout=0.3)
+        assert time.monotonic() - t0 < 2
+    finally:
+        close_all(ts)
+
+
+def test_hello_timeout_names_missing_peer(base_port):
+    mapping, ts = start_all(1, base_port)
+    big = LinearMapping(1, 3, {0: "127.0.0.1"}, base_port)
+    ts[0].mapping = big  # peers 1 and 2 never start
+    ts[0].control.mapping = big
+    with pytest.raises(PeerTimeout, match=r"no 'HELLO' from node 1, 2"):
+        ts[0].connect([1, 2], timeout=0.5)
+    ts[0].close(timeout=0.2)
+
+
+def test_payload_mismatch_names_sender_and_key(base_port):
+    _, ts = start_all(2, base_port)
+    try:
+        connect_full(ts)
+        ts[0].publish("m", {"w": torch.zeros(3)}, to=[1])
+        with pytest.raises(PayloadMismatch, match=r"payload 'm' from node 0 rejected: 'w' is \(\(3,\), 'float32'\)"):
+            ts[1].receive("m", 0, expect={"w": ((4,), "float32")})
+        ts[0].publish("n", {"w": torch.zeros(3)}, to=[1])
+        with pytest.raises(PayloadMismatch, match="missing tensor 'v'"):
+            ts[1].receive("n", 0, expect={"w": ((3,), "float32"), "v": ((1,), "float32")})
+    finally:
+        close_all(ts)
+
+
+def test_unknown_ids_and_malformed_frames_are_dropped(base_port):
+    mapping, ts = start_all(2, base_port)
+    ctx = zmq.Context()
+    try:
+        connect_full(ts)
+        for ident, body in ((b"99", encode({"key": "evil", "h": {}})), (b"abc", b"junk"), (b"0", b"junk")):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.IDENTITY, ident)
+            s.setsockopt(zmq.LINGER, 1000)
+            s.connect(mapping.control_address(1))
+            s.send_multipart([b"DATA", body])
+            s.close()
+        ts[0].publish("ok", {"x": torch.ones(1)}, to=[1])
+        assert ts[1].receive("ok", 0).key == "ok"
+        with pytest.raises(PeerTimeout):
+            ts[1].receive_any(timeout=0.3, prefix="evil")
+        assert len(ts[1].mailbox) == 0
+    finally:
+        ctx.term()
+        close_all(ts)
+
+
+def test_port_in_use_is_an_error_naming_node_and_port(base_port):
+    mapping, ts = start_all(1, base_port)
+    try:
+        other = build_transport(0, mapping, ts[0].cfg)
+        with pytest.raises(MappingError, match=rf"node 0: cannot bind control port {base_port}"):
+            other.start()
+        with pytest.raises(MappingError, match=rf"node 0: port {base_port} .* already in use"):
+            mapping.check_ports_free(0)
+    finally:
+        ts[0].close(timeout=0.2)
+
+
+def test_bye_waits_for_peers_then_returns(base_port):
+    _, ts = start_all(2, base_port)
+    connect_full(ts)
+    ts[0].publish("last", {"x": torch.ones(1000)}, to=[1])
+    done = threading.Event()
+
+    def closer():
+        ts[0].close(timeout=5)
+        done.set()
+
+    threading.Thread(target=closer).start()
+    time.sleep(0.3)
+    assert not done.is_set()  # node 0 waits for node 1's BYE
+    assert ts[1].receive("last", 0).tensors["x"].sum() == 1000
+    ts[1].close(timeout=5)
+    assert done.wait(5)
+
+
+def test_upload_rate_limit_within_15_percent(base_port):
+    rate = 4_000_000
+    _, ts = start_all(2, base_port, upload_limit=rate)
+    try:
+        connect_full(ts)
+        chunk = {"x": torch.zeros(250_000)}  # 1 MB
+        t0 = time.monotonic()
+        sent0 = ts[0].bytes_sent
+        for i in range(8):
+            ts[0].publish(f"c{i}", chunk, to=[1])
+        for i in range(8):
+            ts[1].receive(f"c{i}", 0)
+        elapsed = time.monotonic() - t0
+        measured = (ts[0].bytes_sent - sent0) / elapsed
+        burst = ts[0].control.up.capacity
+        expected = (ts[0].bytes_sent - sent0 - burst) / rate
+        assert abs(elapsed - expected) / expected < 0.15, (elapsed, expected, measured)
+    finally:
+        close_all(ts)
+
+
+def test_download_rate_limit_within_15_percent(base_port):
+    rate = 4_000_000
+    mapping = LinearMapping(1, 2, {0: "127.0.0.1"}, base_port)
+    fast = CommunicationConfig(timeout=10, hello_timeout=5)
+    slow = CommunicationConfig(timeout=10, hello_timeout=5, download_limit=rate)
+    ts = [build_transport(0, mapping, fast), build_transport(1, mapping, slow)]
+    for t in ts:
+        t.start()
+    try:
+        connect_full(ts)
+        t0 = time.monotonic()
+        for i in range(8):
+            ts[0].publish(f"c{i}", {"x": torch.zeros(250_000)}, to=[1])
+        for i in range(8):
+            ts[1].receive(f"c{i}", 0)
+        elapsed = time.monotonic() - t0
+        expected = (8 * 1_000_000 - ts[1].control.down.capacity) / rate
+        assert abs(elapsed - expected) / expected < 0.15, (elapsed, expected)
+    finally:
+        close_all(ts)
