@@ -1,9 +1,10 @@
 """Launching the nodes of one machine: one OS process per node, forked from this process.
 
-The launcher imports torch once and forks the node processes, so they share the
-interpreter's and libraries' pages copy-on-write: start-up takes milliseconds per node
-and memory grows with each node's own data and model, not with the import. No torch
-operation runs here before the fork (so no thread pool is inherited half-built).
+The launcher imports torch once, warms the lazily imported parts every node needs
+(`warm_up`), and forks the node processes, so they share the interpreter's and
+libraries' pages copy-on-write: start-up takes milliseconds per node and memory grows
+with each node's own data and model, not with the import. Before the fork only
+single-element torch operations run, on one thread, so no thread pool is inherited.
 """
 
 from __future__ import annotations
@@ -48,6 +49,21 @@ def threads_per_process(cfg: Config) -> int:
     return max(1, cores // cfg.run.procs_per_machine)
 
 
+def warm_up(cfg: Config) -> None:
+    """Import here, once, what each node would otherwise import for itself (seconds each):
+    the dataset's reader (e.g. scikit-learn for digits) and the optimizer machinery."""
+    import torch
+
+    from .datasets import build_dataset
+    from .training import build_optimizer
+
+    torch.set_num_threads(1)
+    build_dataset(cfg)
+    param = torch.nn.Parameter(torch.zeros(1))
+    param.grad = torch.zeros(1)
+    build_optimizer(cfg.optimizer, [param]).step()
+
+
 def node_main(cfg: Config, uid: int, run_dir: Path, mapping, graph, report: Callable[[dict], None]) -> None:
     """Build one node's parts and run it; called in the node's own process."""
     import torch
@@ -60,9 +76,12 @@ def node_main(cfg: Config, uid: int, run_dir: Path, mapping, graph, report: Call
     from .sharing import SHARINGS
     from .training import TRAININGS
 
+    log = logging.getLogger(f"dflsplit.node.{uid}")
+    t0 = time.perf_counter()
     torch.set_num_threads(threads_per_process(cfg))
     device = pick_device(cfg.run.device)
     data = load_node_data(cfg, uid)
+    log.info("loaded %d training and %d test samples in %.2f s", len(data.train_y), len(data.test_y), time.perf_counter() - t0)
     for name in ("train_x", "train_y", "test_x", "test_y"):
         setattr(data, name, getattr(data, name).to(device))
     model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.run.seed).to(device)
@@ -71,6 +90,7 @@ def node_main(cfg: Config, uid: int, run_dir: Path, mapping, graph, report: Call
     transport = build_transport(uid, mapping, cfg.communication)
     results = ResultsWriter(run_dir, uid)
     transport.start()
+    log.info("model, training and %s transport ready after %.2f s", cfg.communication.name, time.perf_counter() - t0)
     context = dict(
         cfg=cfg, uid=uid, mapping=mapping, graph=graph, transport=transport, model=model, data=data,
         training=training, sharing=sharing, device=device, results=results, report=report,
@@ -134,6 +154,7 @@ def run_experiment(
     dump_config(cfg, run_dir / "config.yaml")
     graph.write(run_dir / "graph.edges")
     prepare_dataset(cfg)
+    warm_up(cfg)
     uids = node_cls.local_uids(cfg, mapping)
     for uid in uids:
         mapping.check_ports_free(uid)
@@ -173,9 +194,8 @@ def run_experiment(
                 rounds_done[e["uid"]] = e["round"] + 1
                 if e["round"] == 0:
                     first_round[e["uid"]] = e["wall_time"] - e["round_seconds"] - e["eval_seconds"]
-                if bar is not None:
-                    bar.n = min(rounds_done.values())
-                    bar.refresh()
+                if bar is not None and min(rounds_done.values()) > bar.n:
+                    bar.update(min(rounds_done.values()) - bar.n)
             elif kind == "done":
                 done.add(e["uid"])
             elif kind == "error":

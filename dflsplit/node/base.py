@@ -64,7 +64,9 @@ class Node:
         return evaluate(self.model, self.data.test_x, self.data.test_y, self.cfg.training.eval_batch_size)
 
     def run(self) -> None:
+        t0 = time.perf_counter()
         self.connect()
+        self.log.info("connected to %d peers in %.2f s", len(self.peers()), time.perf_counter() - t0)
         self.report({"event": "connected", "uid": self.uid, "time": time.time()})
         for r in range(self.cfg.run.rounds):
             self.transport.advance(r)

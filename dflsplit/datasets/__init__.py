@@ -1,0 +1,84 @@
+"""Dataset layer: loading one node's shard and the test set; partitioners.
+
+>>> cfg = load_config(None, ["dataset.name=digits", "run.procs_per_machine=4"])  # doctest: +SKIP
+>>> prepare_dataset(cfg)            # once, in the launcher, before forking nodes  # doctest: +SKIP
+>>> data = load_node_data(cfg, 2)   # in node 2's process: only its shard       # doctest: +SKIP
+
+Datasets: `digits` (scikit-learn's bundled digits, the default, no download),
+`mnist`, `cifar10` (torchvision's on-disk layouts), `femnist` (LEAF JSON), and
+`synthetic` (Gaussian blobs generated per index). Fetch real ones with
+``python download_dataset.py NAME --root DIR``.
+"""
+
+from __future__ import annotations
+
+from ..config import Config, ConfigError
+from . import cifar10, digits, femnist, mnist, synthetic  # noqa: F401  (registration)
+from .base import DATASETS, Dataset, DatasetFormatError, DatasetMissingError, NodeData
+from .partition import METHODS, label_entropy, partition_indices
+
+__all__ = [
+    "DATASETS", "Dataset", "DatasetFormatError", "DatasetMissingError", "NodeData", "METHODS",
+    "build_dataset", "label_entropy", "load_node_data", "partition_indices", "prepare_dataset",
+]
+
+
+def _dataset_class(cfg: Config) -> type[Dataset]:
+    where = f"{cfg.path or '<config>'}: section 'dataset'"
+    try:
+        cls = DATASETS.get(cfg.dataset.name)
+    except KeyError as e:
+        raise ConfigError(f"{where}: key 'name': {e.args[0]}") from None
+    d = cfg.dataset
+    if cls.needs_root and d.root is None:
+        raise ConfigError(
+            f"{where}: dataset {d.name!r} reads files from disk: set key 'dataset.root' to their folder "
+            f"(fetch them with `python download_dataset.py {d.name} --root DIR`)"
+        )
+    checks = [
+        ("alpha", d.alpha > 0, "> 0"),
+        ("shards_per_node", d.shards_per_node >= 1, ">= 1"),
+        ("test_fraction", 0 < d.test_fraction < 1, "in (0, 1)"),
+        ("max_test", d.max_test is None or d.max_test >= 1, ">= 1 or null"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{where}: key {key!r} must be {expected}, got {getattr(d, key)!r}")
+    return cls
+
+
+def build_dataset(cfg: Config) -> Dataset:
+    """The dataset named by `cfg.dataset.name`, its root resolved against the config file,
+    seeded with `cfg.run.seed`."""
+    cls = _dataset_class(cfg)
+    return cls(cfg.dataset, cfg.resolve(cfg.dataset.root), cfg.run.seed)
+
+
+def prepare_dataset(cfg: Config) -> None:
+    """One-time preparation (format conversion, caches) before node processes start.
+    Idempotent, and safe when several processes or machines run it at once."""
+    cls = _dataset_class(cfg)
+    cls.prepare(cfg.dataset, cfg.resolve(cfg.dataset.root))
+
+
+def load_node_data(cfg: Config, uid: int) -> NodeData:
+    """Node `uid`'s training shard (its part of `cfg.dataset.partition` among
+    `cfg.num_nodes` nodes) and its test set (`cfg.dataset.test`: 'global' = the whole
+    test set, 'local' = its IID share; at most `max_test` samples either way).
+
+    Only that shard is read into memory; a whole test set of a file-backed dataset is a
+    copy-on-write map of a cache file that all node processes share.
+    """
+    n = cfg.num_nodes
+    if not 0 <= uid < n:
+        raise ValueError(f"node uid {uid} is out of range: the config has {n} nodes (uids 0..{n - 1})")
+    ds = build_dataset(cfg)
+    train_idx = ds.partition_train(n)[uid]
+    train_x, train_y = ds.load_train(train_idx)
+    test_idx = ds.test_indices(n, uid)
+    test_x, test_y = ds.load_test(test_idx)
+    return NodeData(
+        train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+        input_shape=tuple(ds.input_shape), num_classes=ds.num_classes,
+        train_indices=train_idx, test_indices=test_idx,
+    )
