@@ -88,7 +88,7 @@ class TrainingConfig:
     batch_size: int = 32
     local_steps: Optional[int] = 10
     local_epochs: Optional[float] = None
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 200
 
 
 @dataclass
@@ -144,7 +144,11 @@ class GraphConfig:
 
 @dataclass
 class SplitConfig:
-    """Split learning: the stage configuration and how replicas are synchronised."""
+    """Split learning: the stage configuration and how replicas are synchronised.
+
+    `mode`: `parallel` (every owner trains every step) or `relay` (owners take turns of one
+    sync period); `save_model`: each node writes its final model to the run folder.
+    """
 
     stages: Optional[list[list[str]]] = None
     stages_file: Optional[str] = None
@@ -155,6 +159,8 @@ class SplitConfig:
     sync_unit: Literal["steps", "epochs"] = "steps"
     micro_batches: int = 1
     checkpoint: bool = False
+    mode: Literal["parallel", "relay"] = "parallel"
+    save_model: bool = False
 
 
 @dataclass

@@ -82,9 +82,14 @@ def node_main(cfg: Config, uid: int, run_dir: Path, mapping, graph, report: Call
     device = pick_device(cfg.run.device)
     data = load_node_data(cfg, uid)
     log.info("loaded %d training and %d test samples in %.2f s", len(data.train_y), len(data.test_y), time.perf_counter() - t0)
-    for name in ("train_x", "train_y", "test_x", "test_y"):
+    # Images in channels-last layout: oneDNN's convolutions are ~1.5x faster on CPU that way.
+    layout = torch.channels_last if data.train_x.dim() == 4 else torch.contiguous_format
+    for name in ("train_x", "test_x"):
+        setattr(data, name, getattr(data, name).to(device).contiguous(memory_format=layout))
+    for name in ("train_y", "test_y"):
         setattr(data, name, getattr(data, name).to(device))
-    model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.run.seed).to(device)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.run.seed)
+    model = model.to(device=device, memory_format=layout)
     training = TRAININGS.get(cfg.training.name)(cfg, model, data.train_x, data.train_y, seed=cfg.run.seed * 100003 + uid)
     sharing = SHARINGS.get(cfg.sharing.name)(cfg)
     transport = build_transport(uid, mapping, cfg.communication)

@@ -69,6 +69,9 @@ class ControlPlane:
         self._count_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"control-{uid}", daemon=True)
+
+    def start(self) -> None:
+        """Start receiving (call once whoever handles frames is ready for them)."""
         self._thread.start()
 
     def _dealer(self, peer: int) -> tuple[zmq.Socket, threading.Lock]:
@@ -134,7 +137,8 @@ class ControlPlane:
 
     def close(self, linger_ms: int = 2000) -> None:
         self._stop.set()
-        self._thread.join(timeout=2 * self.POLL_MS / 1000 + 5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=2 * self.POLL_MS / 1000 + 5)
         with self._dealers_lock:
             for s in self._dealers.values():
                 s.setsockopt(zmq.LINGER, linger_ms)
@@ -168,6 +172,7 @@ class ZmqTransport(Transport):
         self.control = ControlPlane(
             self.uid, self.mapping, self._on_frame, self.cfg.upload_limit, self.cfg.download_limit
         )
+        self.control.start()
 
     def connect(self, peers: Iterable[int], timeout: float | None = None) -> None:
         peers = set(peers) - {self.uid}
