@@ -2,5 +2,6 @@
 
 from .base import NODES, Node
 from . import dpsgd  # noqa: F401  (registers "dpsgd")
+from . import split  # noqa: F401  (registers "split")
 
 __all__ = ["NODES", "Node"]

@@ -1,0 +1,345 @@
+"""Split learning across peers (node `split`): the schedule, its dataflow execution, and
+real multi-process runs over tcp compared with a single-process unsplit reference."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+
+from dflsplit.config import load_config
+from dflsplit.datasets import load_node_data, prepare_dataset
+from dflsplit.launch import RunFailed, run_experiment
+from dflsplit.mappings.stages import StageConfigError, StageMapping
+from dflsplit.models import build_model
+from dflsplit.node.split import batch_sampler, split_timeline, stage_mapping
+from dflsplit.node.split_schedule import (
+    Action,
+    DataflowQueue,
+    ScheduleDeadlock,
+    Scheduled,
+    SplitPlan,
+    dry_run,
+)
+from dflsplit.sharing import weighted_average
+from dflsplit.training import build_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+SPLIT_CONFIGS = REPO / "eval" / "configs" / "split"
+
+EXAMPLE = [
+    ["1_1", "1_2", "4_3", "1_4", "1_5", "4_6", "1_7", "1_8"],
+    ["2_1", "2_2", "1_3", "2_4", "2_5", "1_6", "2_7", "2_8"],
+    ["3_1", "5_2", "5_3", "3_4", "3_5", "5_6", "5_7", "3_8"],
+    ["4_1", "4_2", "3_3", "4_4", "4_5", "3_6", "4_7", "4_8"],
+    ["5_1", "3_2", "2_3", "5_4", "5_5", "2_6", "3_7", "5_8"],
+]
+ALL_LOCAL = [[f"{i}_{s}" for s in range(1, 9)] for i in range(1, 6)]
+# Client 5 runs partitions 2 and 3 of every owner (Bloom's server), each owner its head and tail.
+SERVER = [[f"{o}_1", f"{o}_4", f"{o}_5", f"{o}_8"] for o in range(1, 5)] + [
+    [f"{o}_{s}" for o in range(1, 5) for s in (2, 3)] + [f"5_{s}" for s in range(1, 9)]
+    + [f"{o}_{s}" for o in range(1, 5) for s in (6, 7)]
+]
+# Client 1 runs 2's partition 2 and the reverse; each row starts with the task that waits on
+# the other client: a strict in-order runner deadlocks, a dataflow runner does not.
+SWAP2_OUT_OF_ORDER = [
+    ["2_2", "1_1", "1_3", "1_4", "2_5", "1_6"],
+    ["1_2", "2_1", "2_3", "2_4", "1_5", "2_6"],
+]
+
+
+# --------------------------------------------------------------------------- schedule (pure)
+
+
+def test_dataflow_queue_runs_ready_actions_by_priority():
+    q = DataflowQueue()
+    a = Action("fwd", 0, 1, 1)
+    b = Action("fwd", 0, 2, 2)
+    c = Action("bwd", 0, 2, 2)
+    q.add(Scheduled(c, (("fwd", 0, 2, 2, 0),), (0, 1, 0, 0)))  # highest priority, not ready
+    q.add(Scheduled(b, (("act", 0, 2, 2, 0), ("ver", 0, 2, 2)), (0, 1, 1, 0)))
+    q.add(Scheduled(a, (), (0, 1, 2, 0)))
+    assert len(q) == 3 and q.blocked() == {c: {("fwd", 0, 2, 2, 0)}, b: {("act", 0, 2, 2, 0), ("ver", 0, 2, 2)}}
+    assert q.produce(("ver", 0, 2, 2)) and not q.produce(("ver", 0, 2, 2))
+    assert q.pop() == a  # b still misses its activation
+    assert q.pop() is None
+    q.produce(("act", 0, 2, 2, 0))
+    q.produce(("fwd", 0, 2, 2, 0))
+    assert [q.pop(), q.pop(), q.pop()] == [c, b, None]  # both ready: the lower priority first
+    assert len(q) == 0
+    q.forget(1)
+    assert not q.has(("ver", 0, 2, 2))
+    with pytest.raises(ValueError, match="queued twice"):
+        q.add(Scheduled(a, (), (0,)))
+        q.add(Scheduled(a, (), (0,)))
+
+
+def test_plan_of_worked_example_client_1():
+    m = StageMapping(EXAMPLE, 4)
+    plan = SplitPlan(m, 1, micro_batches=1, sync="fedavg")
+    assert plan.hosted == [(1, 1), (1, 2), (1, 4), (4, 3)]
+    assert plan.partners == {1: [2, 3, 4, 5], 2: [2, 3, 4, 5], 3: [2, 3, 4, 5], 4: [2, 3, 4, 5]}
+    entries = {e.action: e for e in plan.step(0)}
+    fwd3 = entries[Action("fwd", 0, 4, 3)]
+    assert fwd3.requires == (("ver", 0, 4, 3), ("act", 0, 4, 3, 0))
+    assert plan.outputs(fwd3.action) == [(("fwd", 0, 4, 3, 0), 1), (("act", 0, 4, 4, 0), 4)]
+    bwd3 = Action("bwd", 0, 4, 3)  # task 4_6
+    assert entries[bwd3].requires == (("fwd", 0, 4, 3, 0), ("grad", 0, 4, 3, 0))
+    assert plan.outputs(bwd3) == [(("bwd", 0, 4, 3, 0), 1), (("grad", 0, 4, 2, 0), 4)]
+    end1 = entries[Action("end", 0, 0, 1)]
+    assert set(end1.requires) == {("ver", 0, 1, 1), ("stepped", 0, 1, 1), ("sent", 0, 1)} | {
+        ("sync", 0, 1, r) for r in (2, 3, 4, 5)}
+    # With every input present, the row tasks run in row order.
+    q = DataflowQueue()
+    q.add_all(e for e in plan.step(0) if e.action.kind in ("fwd", "bwd"))
+    for e in plan.step(0):
+        for tok in e.requires:
+            q.produce(tok)
+    order = []
+    while (a := q.pop()) is not None:
+        order.append((a.owner, a.partition if a.kind == "fwd" else 9 - a.partition))
+    assert order == [(1, 1), (1, 2), (4, 3), (1, 4), (1, 5), (4, 6), (1, 7), (1, 8)]
+
+
+def test_gossip_partners_are_peer_graph_neighbours_and_none_has_none():
+    m = StageMapping(EXAMPLE, 4)
+    for c in range(1, 6):
+        gossip = SplitPlan(m, c, sync="gossip")
+        for p, partners in gossip.partners.items():
+            assert set(partners) <= set(m.neighbors(c))
+            assert all(c in SplitPlan(m, r, sync="gossip").partners[p] for r in partners)  # symmetric
+        assert all(ps == [] for ps in SplitPlan(m, c, sync="none").partners.values())
+    assert SplitPlan(m, 3, sync="gossip").partners == {1: [4, 5], 2: [4, 5], 3: [4, 5], 4: [4, 5]}
+
+
+def test_sync_timeline_and_relay_turns():
+    m = StageMapping(EXAMPLE, 4)
+    plan = SplitPlan(m, 1, sync="fedavg", sync_period=3, relay=True)
+    assert [plan.syncs_at(t) for t in range(6)] == [False, False, True, False, False, True]
+    assert [plan.active(t) for t in (0, 2, 3, 14, 15)] == [[1], [1], [2], [5], [1]]
+    assert not SplitPlan(m, 1, sync="none").syncs_at(0)
+    assert SplitPlan(m, 1).active(0) == [1, 2, 3, 4, 5]
+    # relay: client 1 hosts owner 4's partition 3 but runs none of owner 4's tasks in turn 1
+    kinds = {(e.action.kind, e.action.owner) for e in plan.step(0)}
+    assert ("fwd", 1) in kinds and ("fwd", 4) not in kinds and ("end", 0) in kinds
+
+
+@pytest.mark.parametrize("rows", [EXAMPLE, ALL_LOCAL, SERVER], ids=["example", "all_local", "server"])
+@pytest.mark.parametrize("sync,period,relay,micro", [
+    ("fedavg", 1, False, 1), ("fedavg", 2, False, 3), ("gossip", 1, False, 2), ("none", 1, False, 1),
+    ("fedavg", 2, True, 2),
+])
+def test_every_client_completes_every_action(rows, sync, period, relay, micro):
+    m = StageMapping(rows, 4)
+    plans = {c: SplitPlan(m, c, micro, sync, period, relay) for c in range(1, m.num_clients + 1)}
+    steps = 4
+    ran = dry_run(plans, steps)
+    for c, actions in ran.items():
+        assert len(actions) == len(set(actions)) == sum(len(plans[c].step(t)) for t in range(steps))
+        # every replica steps once per step in which its owner trains
+        steps_done = [(a.step, a.owner, a.partition) for a in actions if a.kind == "step"]
+        assert sorted(steps_done) == sorted(
+            (t, o, p) for t in range(steps) for o, p in plans[c].hosted if o in plans[c].active(t))
+        # a replica's step t+1 forward comes after its step t ends
+        pos = {a: i for i, a in enumerate(actions)}
+        for a in actions:
+            if a.kind == "fwd" and a.step > 0:
+                assert pos[Action("end", a.step - 1, 0, a.partition)] < pos[a]
+
+
+def test_dataflow_runs_rows_a_strict_runner_would_deadlock_on():
+    with pytest.raises(StageConfigError, match="rule 6"):
+        StageMapping(SWAP2_OUT_OF_ORDER, 3)
+    m = StageMapping(SWAP2_OUT_OF_ORDER, 3, strict_order=False)
+    plans = {c: SplitPlan(m, c, 2) for c in (1, 2)}
+    ran = dry_run(plans, 3)
+    first_row_task = [a for a in ran[1] if a.kind in ("fwd", "bwd")][0]
+    assert first_row_task == Action("fwd", 0, 1, 1)  # not 2_2, whose input is not there yet
+
+
+def test_dry_run_reports_a_missing_sender():
+    m = StageMapping(EXAMPLE, 4)
+    plans = {c: SplitPlan(m, c) for c in range(1, 6)}
+    # client 2 never sends owner 2's activations to client 5, which runs 2_3
+    plans[2].outputs = lambda a: [(tok, c) for tok, c in SplitPlan.outputs(plans[2], a) if c != 5 or tok[0] != "act"]
+    with pytest.raises(ScheduleDeadlock, match=r"client 5: forward 2_3 \(step 0, micro-batch 0\) waits for "
+                       r"activation into owner 2's partition 3 \(step 0, micro-batch 0\)"):
+        dry_run(plans, 1)
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+def split_config(tmp_path, base_port, rows, *overrides, model="mlp"):
+    """A 5-client split config on digits written to tmp_path, loaded with overrides."""
+    models = {
+        "mlp": {"name": "mlp", "hidden": [32, 32, 16], "partitions": 4},
+        "cnn": {"name": "cnn"},
+    }
+    data = {
+        "run": {"name": "split-test", "procs_per_machine": len(rows), "rounds": 2, "base_port": base_port,
+                "threads_per_proc": 1, "progress": False},
+        "dataset": {"name": "digits"},
+        "model": models[model],
+        "optimizer": {"name": "sgd", "lr": 0.1},
+        "training": {"batch_size": 16, "local_steps": 10},
+        "node": {"name": "split", "test_after": 10},
+        "communication": {"name": "tcp", "timeout": 60},
+        "split": {"stages": rows, "sync": "fedavg", "sync_every": 1, "save_model": True},
+    }
+    path = tmp_path / "split.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path, list(overrides))
+
+
+def float_state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+def reference(cfg, steps):
+    """Single process, no split: every owner trains the model assembled from its replicas
+    on the same batches; replicas are averaged by samples as `cfg.split` says."""
+    torch.manual_seed(0)
+    prepare_dataset(cfg)
+    stages = stage_mapping(cfg)
+    n, P = stages.num_clients, stages.P
+    data = {o: load_node_data(cfg, o - 1) for o in range(1, n + 1)}
+    model = build_model(cfg.model, data[1].input_shape, data[1].num_classes, seed=cfg.run.seed)
+    samplers = {o: batch_sampler(cfg, o - 1, len(data[o].train_y)) for o in data}
+    reps = {(o, p): copy.deepcopy(model[p - 1]) for o in data for p in range(1, P + 1)}
+    opts = {k: build_optimizer(cfg.optimizer, r.parameters()) for k, r in reps.items()}
+    samples = dict.fromkeys(reps, 0)
+    _, period = split_timeline(cfg)
+    sp = cfg.split
+    for t in range(steps):
+        owners = [t // period % n + 1] if sp.mode == "relay" else list(data)
+        for o in owners:
+            idx = samplers[o].next()
+            net = nn.Sequential(*(reps[(o, p)] for p in range(1, P + 1)))
+            loss = nn.functional.cross_entropy(net(data[o].train_x[idx]), data[o].train_y[idx])
+            loss.backward()
+            for p in range(1, P + 1):
+                opts[(o, p)].step()
+                opts[(o, p)].zero_grad()
+                samples[(o, p)] += len(idx)
+        if sp.sync == "none" or (t + 1) % period:
+            continue
+        for p in range(1, P + 1):
+            if sp.sync == "fedavg":
+                groups = {o: list(data) for o in data}
+            else:  # gossip: owners whose replicas run on the same or a neighbouring runner
+                runner = stages.replicas(p)
+                groups = {o: [q for q in data if runner[q] == runner[o] or runner[q] in stages.neighbors(runner[o])]
+                          for o in data}
+            new = {}
+            for o, group in groups.items():
+                total = sum(samples[(q, p)] for q in group)
+                new[o] = weighted_average([float_state(reps[(q, p)]) for q in group],
+                                          [samples[(q, p)] / total for q in group])
+            for o in data:
+                reps[(o, p)].load_state_dict(new[o], strict=False)
+        samples = dict.fromkeys(reps, 0)
+    return {o: nn.Sequential(*(reps[(o, p)] for p in range(1, P + 1))).state_dict() for o in data}
+
+
+def assert_matches_reference(cfg, run_dir, steps, tol=1e-5):
+    ref = reference(cfg, steps)
+    worst = 0.0
+    for o, expected in ref.items():
+        got = load_file(str(Path(run_dir) / f"split_model_{o - 1}.safetensors"))
+        assert set(got) == set(expected)
+        for k, v in expected.items():
+            worst = max(worst, (got[k] - v).abs().max().item())
+    assert worst <= tol, f"largest difference from the reference: {worst:g}"
+    return ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rows,model,extra", [
+    (EXAMPLE, "mlp", []),
+    (ALL_LOCAL, "mlp", []),
+    (EXAMPLE, "cnn", ["split.micro_batches=3", "split.checkpoint=true"]),
+    (SERVER, "mlp", ["split.mode=relay", "split.sync_every=2"]),
+    (EXAMPLE, "mlp", ["split.sync=gossip", "split.sync_every=3"]),
+], ids=["example", "all_local", "example-cnn-micro3-checkpoint", "server-relay", "example-gossip"])
+def test_split_run_equals_unsplit_reference(tmp_path, base_port, rows, model, extra):
+    cfg = split_config(tmp_path, base_port, rows, *extra, model=model)
+    summary = run_experiment(cfg, tmp_path / "run")
+    steps = cfg.run.rounds * cfg.training.local_steps
+    assert steps == 20 and summary["nodes"] == len(rows)
+    ref = assert_matches_reference(cfg, tmp_path / "run", steps)
+    records = {u: [json.loads(x) for x in (tmp_path / "run" / f"node_{u}.jsonl").read_text().splitlines()]
+               for u in range(len(rows))}
+    assert all(len(rs) == 2 and rs[-1]["test_acc"] is not None for rs in records.values())
+    first = ref[1]
+    same = [all(torch.equal(first[k], m[k]) for k in first) for m in ref.values()]
+    if cfg.split.sync == "fedavg":  # one model: every owner ends with the same weights
+        assert all(same)
+        got = [load_file(str(tmp_path / "run" / f"split_model_{u}.safetensors")) for u in range(len(rows))]
+        assert all(torch.equal(g[k], got[0][k]) for g in got for k in g)
+    else:
+        assert not all(same)
+    if cfg.split.mode == "relay":  # one owner trains per turn of 2 steps: 4 of 20 steps each
+        assert [sum(r["steps_trained"] for r in records[u]) for u in range(5)] == [4] * 5
+
+
+@pytest.mark.slow
+def test_example_on_digits_reaches_85_percent(tmp_path, base_port):
+    cfg = load_config(SPLIT_CONFIGS / "example5.yaml", [
+        f"run.base_port={base_port}", "run.threads_per_proc=1", "run.progress=false",
+        "run.rounds=4", "training.local_steps=25", "training.batch_size=32", "optimizer.lr=0.1",
+        "optimizer.momentum=0.9", "node.test_after=2", "communication.name=tcp",
+    ])
+    assert cfg.split.stages == EXAMPLE and cfg.model.name == "cnn" and cfg.dataset.name == "digits"
+    summary = run_experiment(cfg, tmp_path / "run")
+    assert summary["test_acc_mean"] >= 0.85, summary["final_test_acc"]
+
+
+@pytest.mark.slow
+def test_a_silent_peer_times_out_naming_what_is_awaited(tmp_path, base_port, monkeypatch):
+    """Client 5 (node 4) connects, then stays silent: the others fail after
+    communication.timeout, naming the tasks that wait and the client they wait for."""
+    import time as time_mod
+
+    from dflsplit.node.split import SplitNode
+
+    run_round = SplitNode.run_round
+
+    def silent(self, round_):
+        if self.uid == 4:
+            time_mod.sleep(60)
+        return run_round(self, round_)
+
+    monkeypatch.setattr(SplitNode, "run_round", silent)  # forked node processes inherit it
+    cfg = split_config(tmp_path, base_port, EXAMPLE, "communication.timeout=3")
+    with pytest.raises(RunFailed, match=r"(?s)SplitTimeout: node [0-3] \(client [1-4]\): no split message for 3 s "
+                       r".*waiting:.*from client 5 \(node 4\)"):
+        run_experiment(cfg, tmp_path / "run")
+
+
+def test_timeline_in_epochs_follows_the_largest_shard():
+    cfg = load_config(None, [
+        "run.procs_per_machine=5", "dataset.name=digits", "dataset.partition=dirichlet", "dataset.alpha=0.3",
+        "training.local_steps=null", "training.local_epochs=0.5", "training.batch_size=32",
+        "split.sync_unit=epochs", "split.sync_every=2",
+    ])
+    prepare_dataset(cfg)
+    sizes = [len(load_node_data(cfg, u).train_y) for u in range(5)]
+    assert len(set(sizes)) > 1
+    epoch = max(-(-n // 32) for n in sizes)
+    assert split_timeline(cfg) == (-(-epoch // 2), 2 * epoch)
+    cfg.split.sync_unit, cfg.training.local_steps = "steps", 7
+    assert split_timeline(cfg) == (7, 2)
+
+
+def test_invalid_stage_configuration_fails_before_any_node_starts(tmp_path, base_port):
+    cfg = split_config(tmp_path, base_port, EXAMPLE, "model.partitions=3")
+    with pytest.raises(StageConfigError, match="rule 5: .*the model has 3 partitions"):
+        run_experiment(cfg, tmp_path / "run")
+    assert not list((tmp_path / "run").glob("node_*"))
