@@ -49,6 +49,29 @@ def threads_per_process(cfg: Config) -> int:
     return max(1, cores // cfg.run.procs_per_machine)
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed blocks up to 512 MiB instead of unmapping them.
+
+    Every training or evaluation batch allocates activations of a few MiB; by default
+    glibc returns each to the kernel and faults it in again next batch, which cost
+    ~20 % of a run's CPU time in page faults. Inherited by the forked nodes.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_trim_threshold, 512 << 20)
+    mallopt(m_mmap_threshold, 512 << 20)
+
+
 def warm_up(cfg: Config) -> None:
     """Import here, once, what each node would otherwise import for itself (seconds each):
     the dataset's reader (e.g. scikit-learn for digits) and the optimizer machinery."""
@@ -159,6 +182,7 @@ def run_experiment(
     dump_config(cfg, run_dir / "config.yaml")
     graph.write(run_dir / "graph.edges")
     prepare_dataset(cfg)
+    keep_freed_memory()
     warm_up(cfg)
     uids = node_cls.local_uids(cfg, mapping)
     for uid in uids:
