@@ -330,3 +330,36 @@ def normalized_cache(folder: Path, name: str, raw: np.ndarray,
                     out.flush()
                     del out
     return open_npy(path, "c")
+
+
+class ImageArrayDataset(Dataset):
+    """A dataset held as raw image arrays ``_x[split]`` (usually memory-mapped) and labels
+    ``_y[split]`` for split in train/test. Rows are normalised by `normalize` as they are
+    read; the whole normalised test set is one cache file that all node processes map."""
+
+    def normalize(self, raw: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _test_cache(self) -> np.ndarray:
+        """The normalised test set as a shared cache file (OSError when none can be written)."""
+        raise NotImplementedError
+
+    def train_labels(self) -> np.ndarray:
+        return self._y["train"]
+
+    def test_labels(self) -> np.ndarray:
+        return self._y["test"]
+
+    def load_train(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = as_index_array(indices, len(self._y["train"]), f"{self.name} train")
+        return to_tensors(self.normalize(read_rows(self._x["train"], idx)), self._y["train"][idx])
+
+    def load_test(self, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if indices is None:
+            try:
+                x = self._test_cache()
+            except OSError:  # no writable cache anywhere: this process keeps its own copy
+                x = self.normalize(self._x["test"])
+            return torch.from_numpy(x), torch.from_numpy(self._y["test"].copy())
+        idx = as_index_array(indices, len(self._y["test"]), f"{self.name} test")
+        return to_tensors(self.normalize(read_rows(self._x["test"], idx)), self._y["test"][idx])

@@ -14,12 +14,11 @@ import pickle  # restricted to _BatchUnpickler below: local dataset files only
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..config import DatasetConfig
 from .base import (
-    DATASETS, Dataset, DatasetFormatError, as_index_array, cache_dir, file_lock, missing_error,
-    normalized_cache, open_npy, read_rows, save_npy_atomic, to_tensors,
+    DATASETS, DatasetFormatError, ImageArrayDataset, cache_dir, file_lock, missing_error,
+    normalized_cache, open_npy, save_npy_atomic,
 )
 
 FOLDER = "cifar-10-batches-py"
@@ -99,7 +98,7 @@ CACHE_FILES = ("train_x.npy", "train_y.npy", "test_x.npy", "test_y.npy")
 
 
 @DATASETS.register("cifar10")
-class CIFAR10(Dataset):
+class CIFAR10(ImageArrayDataset):
     name = "cifar10"
     needs_root = True
 
@@ -141,6 +140,8 @@ class CIFAR10(Dataset):
         """Convert the batches to `.npy` and write the normalised test set, once."""
         CIFAR10(cfg, root, 0)._test_cache()
 
+    normalize = staticmethod(_normalize)
+
     def _test_cache(self) -> np.ndarray:
         return normalized_cache(self._cache, "test_x_float32.npy", self._x["test"], _normalize)
 
@@ -152,18 +153,3 @@ class CIFAR10(Dataset):
     def num_classes(self) -> int:
         return 10
 
-    def train_labels(self) -> np.ndarray:
-        return self._y["train"]
-
-    def test_labels(self) -> np.ndarray:
-        return self._y["test"]
-
-    def load_train(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = as_index_array(indices, len(self._y["train"]), "cifar10 train")
-        return to_tensors(_normalize(read_rows(self._x["train"], idx)), self._y["train"][idx])
-
-    def load_test(self, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
-        if indices is None:
-            return torch.from_numpy(self._test_cache()), torch.from_numpy(self._y["test"].copy())
-        idx = as_index_array(indices, len(self._y["test"]), "cifar10 test")
-        return to_tensors(_normalize(read_rows(self._x["test"], idx)), self._y["test"][idx])

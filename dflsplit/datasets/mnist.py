@@ -12,12 +12,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..config import DatasetConfig
 from .base import (
-    DATASETS, Dataset, DatasetFormatError, as_index_array, atomic_path, cache_dir, file_lock,
-    missing_error, normalized_cache, read_rows, to_tensors,
+    DATASETS, DatasetFormatError, ImageArrayDataset, atomic_path, cache_dir, file_lock,
+    missing_error, normalized_cache,
 )
 
 MEAN, STD = 0.1307, 0.3081
@@ -65,7 +64,7 @@ def _normalize(raw: np.ndarray) -> np.ndarray:
 
 
 @DATASETS.register("mnist")
-class MNIST(Dataset):
+class MNIST(ImageArrayDataset):
     name = "mnist"
     needs_root = True
 
@@ -130,6 +129,8 @@ class MNIST(Dataset):
         """Decompress `.gz` files and write the normalised test set, once."""
         MNIST(cfg, root, 0)._test_cache()
 
+    normalize = staticmethod(_normalize)
+
     def _test_cache(self) -> np.ndarray:
         folder = self._cache or cache_dir(self.raw_folder(self.root), sorted(self._paths.values()), "mnist")
         return normalized_cache(folder, "test_x_float32.npy", self._x["test"], _normalize)
@@ -142,22 +143,3 @@ class MNIST(Dataset):
     def num_classes(self) -> int:
         return 10
 
-    def train_labels(self) -> np.ndarray:
-        return self._y["train"]
-
-    def test_labels(self) -> np.ndarray:
-        return self._y["test"]
-
-    def load_train(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = as_index_array(indices, len(self._y["train"]), "mnist train")
-        return to_tensors(_normalize(read_rows(self._x["train"], idx)), self._y["train"][idx])
-
-    def load_test(self, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
-        if indices is None:
-            try:
-                x = self._test_cache()
-            except OSError:  # no writable cache anywhere: this process keeps its own copy
-                x = _normalize(self._x["test"])
-            return torch.from_numpy(x), torch.from_numpy(self._y["test"].copy())
-        idx = as_index_array(indices, len(self._y["test"]), "mnist test")
-        return to_tensors(_normalize(read_rows(self._x["test"], idx)), self._y["test"][idx])
