@@ -32,11 +32,14 @@ class CommError(RuntimeError):
 class PeerTimeout(CommError, TimeoutError):
     """A peer did not deliver in time; the message names the peer and the key."""
 
-    def __init__(self, peer: int | Sequence[int], key: str, timeout: float, uid: int | None = None):
+    def __init__(
+        self, peer: int | Sequence[int], key: str, timeout: float, uid: int | None = None, detail: str = ""
+    ):
         who = f"node {uid}: " if uid is not None else ""
         peers = f"node {peer}" if isinstance(peer, int) else (
             "node " + ", ".join(map(str, peer)) if peer else "any peer")
-        super().__init__(f"{who}no {key!r} from {peers} within {timeout:g} s")
+        more = f" ({detail})" if detail else ""
+        super().__init__(f"{who}no {key!r} from {peers} within {timeout:g} s{more}")
         self.peer, self.key, self.timeout = peer, key, timeout
 
 

@@ -1,0 +1,445 @@
+"""The `torrent` transport: real libtorrent sessions and ZeroMQ sockets on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import random
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+
+from dflsplit.communication import CommError, PayloadMismatch, PeerTimeout, build_transport
+from dflsplit.communication.codec import describe, encode
+from dflsplit.communication.torrent import TORRENT, TorrentTransport, piece_size
+from dflsplit.config import CommunicationConfig
+from dflsplit.mappings import LinearMapping, MappingError
+
+PORT_RANGE = (30000, 45000)
+MB = 1 << 20
+
+
+def free_base(n: int) -> int:
+    """A base port in PORT_RANGE with 2n free ports (control + data per node) above it."""
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(500):
+        base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1] - 2 * n) & ~1
+        ok = True
+        for port in range(base, base + 2 * n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port range")
+
+
+def config(**kw) -> CommunicationConfig:
+    kw = {"small_payload_bytes": 0, "timeout": 20, "hello_timeout": 10, **kw}  # all payloads as torrents
+    return CommunicationConfig(name="torrent", **kw)
+
+
+def in_parallel(fns, timeout=60):
+    errors = []
+
+    def wrap(f):
+        try:
+            f()
+        except Exception as e:  # pragma: no cover - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(f,)) for f in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    if errors:
+        raise errors[0]
+
+
+@contextlib.contextmanager
+def cluster(n, per_node=None, base=None, start=None, name="torrent", **kw):
+    """`n` started and mutually connected transports (node i gets `per_node[i]` overrides);
+    `start` restricts which uids live in this process. Closed (and checked clean) on exit."""
+    base = base or free_base(n)
+    mapping = LinearMapping(1, n, {0: "127.0.0.1"}, base)
+    uids = list(range(n)) if start is None else list(start)
+    ts = {}
+    for u in uids:
+        cfg = config(**{**kw, **((per_node or {}).get(u, {}))})
+        cfg.name = name
+        ts[u] = build_transport(u, mapping, cfg)
+        ts[u].start()
+    try:
+        in_parallel([lambda t=t: t.connect([u for u in range(n) if u != t.uid]) for t in ts.values()])
+        yield ts
+    finally:
+        in_parallel([lambda t=t: t.close(timeout=3) for t in ts.values()])
+    for t in ts.values():
+        if isinstance(t, TorrentTransport):
+            assert not t.spool.exists(), f"node {t.uid} left {t.spool}"
+
+
+def payload(nbytes: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(nbytes // 4, generator=torch.Generator().manual_seed(seed))
+
+
+def files_under(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()]
+
+
+# --- round trips --------------------------------------------------------------------
+
+
+def test_exact_round_trip_of_dtypes_and_empty_payloads():
+    tensors = {
+        "f32": torch.randn(33, 7),
+        "f64": torch.randn(5, dtype=torch.float64),
+        "f16": torch.randn(4, 4).half(),
+        "bf16": torch.randn(9).bfloat16(),
+        "i64": torch.arange(-50, 50, dtype=torch.int64),
+        "i8": torch.tensor([-128, 0, 127], dtype=torch.int8),
+        "u8": torch.arange(256, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(3.5),
+    }
+    with cluster(3) as ts:
+        ts[0].publish("model/0", tensors, to=[1, 2], header={"round": 0})
+        ts[0].publish("nothing", {}, to=[1])
+        for r in (1, 2):
+            m = ts[r].receive("model/0", 0, expect=describe(tensors))
+            assert m.sender == 0 and m.header == {"round": 0}
+            assert set(m.tensors) == set(tensors)
+            for k, v in tensors.items():
+                assert m.tensors[k].dtype == v.dtype and torch.equal(m.tensors[k], v), k
+        assert ts[1].receive("nothing", 0).tensors == {}
+        assert len(files_under(ts[0].spool / "out")) == 2  # both went as torrents
+
+
+def test_200_mb_round_trip():
+    x = payload(200 * MB, seed=3)
+    with cluster(2) as ts:
+        ts[0].publish("big", {"w": x}, to=[1])
+        m = ts[1].receive("big", 0, timeout=60)
+        assert torch.equal(m.tensors["w"], x)
+        assert ts[1].peer_bytes()[0][1] >= 200 * MB
+    assert piece_size(200 * MB) == 2 * MB
+
+
+def test_small_payload_travels_on_the_control_plane():
+    with cluster(2, small_payload_bytes=64 * 1024) as ts:
+        small, big = torch.randn(1000), torch.randn(20000)  # 4 kB, 80 kB
+        ts[0].publish("small", {"w": small}, to=[1])
+        ts[0].publish("big", {"w": big}, to=[1])
+        assert torch.equal(ts[1].receive("small", 0).tensors["w"], small)
+        assert torch.equal(ts[1].receive("big", 0).tensors["w"], big)
+        outgoing = [p.name for p in files_under(ts[0].spool / "out")]
+        assert len(outgoing) == 1, outgoing  # only the big one became a torrent
+        assert ts[1].bytes_received >= 84_000 and ts[0].bytes_sent >= 84_000
+
+
+# --- swarming -------------------------------------------------------------------------
+
+
+def test_one_to_eight_receivers_swarm():
+    size = 8 * MB
+    x = payload(size, seed=1)
+    # the publisher's upload is the bottleneck, so receivers fetch from each other
+    with cluster(9, per_node={0: {"upload_limit": 8 * MB}}) as ts:
+        t0 = time.monotonic()
+        ts[0].publish("model/0", {"w": x}, to=list(range(1, 9)))
+        for r in range(1, 9):
+            assert torch.equal(ts[r].receive("model/0", 0, timeout=30).tensors["w"], x)
+        elapsed = time.monotonic() - t0
+        publisher_up = sum(up for up, _ in ts[0].peer_bytes().values())
+        from_co_receivers = sum(
+            down for r in range(1, 9) for who, (_, down) in ts[r].peer_bytes().items() if who != 0
+        )
+        to_co_receivers = sum(
+            up for r in range(1, 9) for who, (up, _) in ts[r].peer_bytes().items() if who != 0
+        )
+    assert from_co_receivers > 2 * size, (from_co_receivers, publisher_up)
+    assert to_co_receivers == from_co_receivers  # both ends of each exchange counted the same
+    assert publisher_up < 4 * size  # not 8 × size: the receivers served the rest
+    assert publisher_up + from_co_receivers >= 8 * size
+    assert elapsed < 8 * size / (8 * MB)  # faster than sending 8 copies at the capped rate
+
+
+# --- rate limits ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["torrent", "tcp"])
+@pytest.mark.parametrize("side", ["upload", "download"])
+def test_rate_limits_are_respected(transport, side):
+    rate, size = 4 * MB, 8 * MB
+    x = payload(size, seed=2)
+    node = 0 if side == "upload" else 1
+
+    def transfer_seconds(limits):
+        with cluster(2, per_node={node: limits}, name=transport) as ts:
+            t0 = time.monotonic()
+            ts[0].publish("model/0", {"w": x}, to=[1])
+            m = ts[1].receive("model/0", 0, timeout=30)
+            elapsed = time.monotonic() - t0
+        assert torch.equal(m.tensors["w"], x)
+        return elapsed
+
+    # the time the link takes: a limited transfer less the same transfer unlimited
+    # (encoding, hashing, connecting and decoding take the same time in both)
+    link = transfer_seconds({f"{side}_limit": rate}) - transfer_seconds({})
+    expected = size / rate
+    assert 0.85 * expected <= link <= 1.15 * expected, f"{link:.2f} s for {expected:.2f} s of data"
+
+
+# --- failures ---------------------------------------------------------------------------
+
+def publisher_main(base, n, upload, size, spool, ready):
+    """Node 0 of an `n`-node run, in a forked process: publish one payload, then idle."""
+    torch.set_num_threads(1)  # no OpenMP pool in a forked child
+    mapping = LinearMapping(1, n, {0: "127.0.0.1"}, base)
+    t = build_transport(0, mapping, config(upload_limit=upload, spool_dir=str(spool)))
+    t.start()
+    t.connect(range(1, n))
+    t.publish("model/0", {"w": payload(size, seed=5)}, to=list(range(1, n)))
+    ready.set()
+    time.sleep(600)
+
+
+@contextlib.contextmanager
+def publisher_process(base, n, upload, size, spool):
+    """The publisher in a forked process (started before this process opens any socket)."""
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=publisher_main, args=(base, n, upload, size, spool, ready), daemon=True)
+    proc.start()
+    try:
+        yield proc, ready
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)
+
+
+def start_receivers(n, base, **kw):
+    """Receivers 1..n-1 of a run whose publisher (node 0) runs in another process."""
+    mapping = LinearMapping(1, n, {0: "127.0.0.1"}, base)
+    ts = [build_transport(u, mapping, config(**kw)) for u in range(1, n)]
+    for t in ts:
+        t.start()
+    return ts
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_publisher_receivers_complete_from_each_other(tmp_path):
+    n, size = 3, 4 * MB
+    base = free_base(n)
+    # the publisher sends at 4 MB/s, each receiver takes 2 MB/s: when the pieces exist
+    # among the receivers, each holds about half of them
+    with publisher_process(base, n, 4 * MB, size, tmp_path / "spool") as (proc, ready):
+        rs = start_receivers(n, base, download_limit=2 * MB, timeout=30)
+        try:
+            in_parallel([lambda r=r: r.connect([0]) for r in rs])
+            assert ready.wait(20)
+
+            def pieces():
+                states = [r.progress("model/0", 0) for r in rs]
+                return None if None in states else [s["pieces"] for s in states]
+
+            wait_for(lambda: pieces() is not None and all(map(any, zip(*pieces()))), 20, "the pieces to exist among receivers")
+            held = pieces()
+            proc.kill()
+            proc.join(10)
+            assert not all(all(p) for p in held), "a receiver was complete before the publisher died"
+            x = payload(size, seed=5)
+            for r in rs:
+                assert torch.equal(r.receive("model/0", 0).tensors["w"], x)
+            assert all(r.peer_bytes().get(other.uid, (0, 0))[1] > 0 for r in rs for other in rs if other is not r)
+        finally:
+            in_parallel([lambda r=r: r.close(timeout=1) for r in rs])
+
+
+def test_killed_publisher_ends_in_a_peer_timeout(tmp_path):
+    n, size = 3, 8 * MB
+    base = free_base(n)
+    with publisher_process(base, n, 256 * 1024, size, tmp_path / "spool") as (proc, ready):
+        rs = start_receivers(n, base)
+        try:
+            in_parallel([lambda r=r: r.connect([0]) for r in rs])
+            assert ready.wait(20)
+            wait_for(lambda: all(r.progress("model/0", 0) for r in rs), 10, "the announcements")
+            proc.kill()
+            proc.join(10)
+            errors = {}
+
+            def receive(r):
+                t0 = time.monotonic()
+                try:
+                    r.receive("model/0", 0, timeout=2)
+                except PeerTimeout as e:
+                    errors[r.uid] = (e, time.monotonic() - t0)
+
+            in_parallel([lambda r=r: receive(r) for r in rs])
+            assert sorted(errors) == [1, 2]
+            for e, waited in errors.values():
+                assert waited < 3
+                assert "'model/0'" in str(e) and "node 0" in str(e) and "announced" in str(e)
+                assert e.peer == 0 and e.key == "model/0"
+        finally:
+            in_parallel([lambda r=r: r.close(timeout=1) for r in rs])
+
+
+def corrupt(path: Path, offset: int, length: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(length)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in old))
+
+
+def test_piece_served_corrupted_fails_its_hash_and_is_fetched_again():
+    size = 4 * MB
+    x = payload(size, seed=6)
+    # receiver 2 is slow, so it is still downloading when receiver 1's copy goes bad
+    with cluster(3, per_node={2: {"download_limit": 2 * MB}}) as ts:
+        ts[0].publish("model/0", {"w": x}, to=[1, 2])
+        assert torch.equal(ts[1].receive("model/0", 0).tensors["w"], x)
+        done = ts[1].progress("model/0", 0)
+        corrupt(Path(done["path"]), 0, done["total"])  # every piece of receiver 1's copy
+        m = ts[2].receive("model/0", 0)
+        assert torch.equal(m.tensors["w"], x)
+        assert ts[2].hash_failures > 0
+
+
+def test_own_copy_corrupted_on_disk_is_checked_again_and_refetched():
+    size = 4 * MB
+    x = payload(size, seed=7)
+    with cluster(2, per_node={1: {"download_limit": 2 * MB}}) as ts:
+        ts[0].publish("model/0", {"w": x}, to=[1])
+        state = {}
+
+        def some_piece_held():
+            p = ts[1].progress("model/0", 0)
+            if p and any(p["pieces"]) and p["done"] < 0.7 * p["total"]:
+                state.update(p)
+                return True
+            return False
+
+        wait_for(some_piece_held, 10, "a first piece")
+        i = state["pieces"].index(True)
+        corrupt(Path(state["path"]), i * state["piece_length"], 64)
+        m = ts[1].receive("model/0", 0)
+        assert torch.equal(m.tensors["w"], x)
+        assert ts[1].verify_failures == 1
+
+
+def test_payload_mismatch_names_sender_and_key():
+    with cluster(2) as ts:
+        ts[0].publish("model/3", {"w": torch.randn(10, 3)}, to=[1])
+        with pytest.raises(PayloadMismatch, match=r"'model/3' from node 0.*'w' is \(\(10, 3\), 'float32'\), expected \(\(3, 10\), 'float32'\)"):
+            ts[1].receive("model/3", 0, expect={"w": ((3, 10), "float32")})
+
+
+# --- disk use, access, errors -----------------------------------------------------------
+
+
+def test_retired_keys_leave_nothing_and_close_leaves_nothing():
+    with cluster(2, retention_rounds=1) as ts:
+        for r in range(4):
+            for t in ts.values():
+                t.advance(r)
+            ts[0].publish(f"model/{r}", {"w": payload(MB, seed=r)}, to=[1])
+            ts[1].receive(f"model/{r}", 0)
+            kept = [s for s in range(r + 1) if r - s <= 1]
+            for t in ts.values():
+                assert len(files_under(t.spool)) == len(kept), (r, files_under(t.spool))
+                assert [k for k in range(r + 1) if t.progress(f"model/{k}", 0)] == kept
+        spools = [t.spool for t in ts.values()]
+        assert all(p.parent == Path("/dev/shm") for p in spools)
+    assert not any(p.exists() for p in spools)
+
+
+def test_stale_spool_of_a_dead_process_is_swept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"dflsplit-{dead.stdout.strip()}-n0-abcd"
+    (stale / "out" / "0").mkdir(parents=True)
+    (stale / "out" / "0" / "n0-0.safetensors").write_bytes(b"x" * 100)
+    alive = tmp_path / f"dflsplit-{os.getpid()}-n9-abcd"
+    alive.mkdir()
+    with cluster(2, spool_dir=str(tmp_path)) as ts:
+        assert not stale.exists() and alive.exists()
+        assert all(t.spool.parent == tmp_path for t in ts.values())
+
+
+def test_only_hosts_of_the_mapping_may_connect():
+    with cluster(2) as ts:
+        ts[0].publish("model/0", {"w": payload(MB)}, to=[1])
+        ts[1].receive("model/0", 0)
+        info_hash = bytes.fromhex(ts[0].progress("model/0", 0)["info_hash"])
+        handshake = b"\x13BitTorrent protocol" + bytes(8) + info_hash + b"-XX0000-" + bytes(12)
+        port = ts[0].mapping.data_port(0)
+
+        def answer(source: str) -> bytes:
+            with socket.socket() as s:
+                s.settimeout(3)
+                s.bind((source, 0))
+                s.connect(("127.0.0.1", port))
+                s.sendall(handshake)
+                try:
+                    return s.recv(68)
+                except (ConnectionResetError, socket.timeout):
+                    return b""
+
+        assert answer("127.0.0.1")[:20] == handshake[:20]  # a host of the run gets the handshake back
+        assert answer("127.0.0.2") == b""  # any other address is cut off
+
+        # the control plane drops frames from ids outside the run
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.IDENTITY, b"77")
+        s.connect(ts[1].mapping.control_address(1))
+        s.send_multipart([TORRENT, encode({"key": "evil", "peers": []}, {"torrent": torch.zeros(4, dtype=torch.uint8)})])
+        time.sleep(0.3)
+        s.close(0)
+        ctx.term()
+        assert ts[1].progress("evil", 77) is None and len(ts[1].mailbox) == 0
+
+
+def test_data_port_in_use_is_named():
+    base = free_base(2)
+    mapping = LinearMapping(1, 2, {0: "127.0.0.1"}, base)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", mapping.data_port(1)))
+        s.listen()
+        t = build_transport(1, mapping, config())
+        with pytest.raises(MappingError, match=rf"node 1: cannot bind data port {mapping.data_port(1)}"):
+            t.start()
+        assert t.spool is None or not t.spool.exists()
+
+
+def test_malformed_torrent_metadata_is_an_error_naming_sender_and_key():
+    with cluster(2) as ts:
+        frame = encode({"key": "model/0", "h": {}, "peers": [1]}, {"torrent": torch.arange(50, dtype=torch.uint8)})
+        ts[0].control.send(1, TORRENT, frame)
+        with pytest.raises(CommError, match=r"torrent metadata for 'model/0' from node 0 rejected"):
+            ts[1].receive("model/0", 0, timeout=5)
