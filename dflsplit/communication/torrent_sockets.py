@@ -19,12 +19,13 @@ _FD_DIR = "/proc/self/fd"
 SUPPORTED = os.path.isdir(_FD_DIR) and hasattr(socket, "TCP_NODELAY")
 
 
-def set_nodelay(match: Callable[[tuple, tuple], bool]) -> int:
+def set_nodelay(match: Callable[[tuple, tuple], bool], seen: set[str] | None = None) -> int:
     """Set TCP_NODELAY on every connected TCP socket of this process for which
     ``match(local_address, peer_address)`` is true and that lacks it; returns how many.
 
-    Each descriptor is duplicated first, so one closed or reused meanwhile is either
-    skipped or, if it is again a matching socket, handled like any other.
+    `seen` (kept by the caller between calls) holds the sockets already settled, which
+    are skipped; it is pruned to the sockets still open. Each descriptor is duplicated
+    first, so one closed or reused meanwhile is either skipped or handled like any other.
     """
     if not SUPPORTED:
         return 0
@@ -33,10 +34,18 @@ def set_nodelay(match: Callable[[tuple, tuple], bool]) -> int:
         fds = os.listdir(_FD_DIR)
     except OSError:
         return 0
+    open_now = set()
     for name in fds:
         try:
-            if not os.readlink(f"{_FD_DIR}/{name}").startswith("socket:"):
-                continue
+            target = os.readlink(f"{_FD_DIR}/{name}")
+        except OSError:
+            continue
+        if not target.startswith("socket:"):
+            continue
+        open_now.add(target)
+        if seen is not None and target in seen:
+            continue
+        try:
             dup = os.dup(int(name))
         except (OSError, ValueError):
             continue
@@ -47,12 +56,15 @@ def set_nodelay(match: Callable[[tuple, tuple], bool]) -> int:
             continue
         with s:
             try:
-                if s.type != socket.SOCK_STREAM or s.family not in (socket.AF_INET, socket.AF_INET6):
-                    continue
-                local, peer = s.getsockname(), s.getpeername()
-                if match(local, peer) and not s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
-                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    changed += 1
-            except OSError:  # not connected, or gone
+                if s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6):
+                    local, peer = s.getsockname(), s.getpeername()
+                    if match(local, peer) and not s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
+                        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        changed += 1
+            except OSError:  # not connected yet (look again next time), or gone
                 continue
+        if seen is not None:
+            seen.add(target)
+    if seen is not None:
+        seen &= open_now
     return changed

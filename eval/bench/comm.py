@@ -19,6 +19,8 @@ The torrent rows force the data plane (``small_payload_bytes=0``) except ``dpsgd
 runs the defaults. Usage::
 
     python eval/bench/comm.py [--rows p2p,throughput,swarm,dpsgd,sweep] [--quick] [--out FILE]
+
+Results go to eval/bench/results/comm.json (and the table to comm.txt beside it).
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ import json
 import multiprocessing as mp
 import platform
 import queue
+import shutil
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -131,19 +135,27 @@ def dpsgd(name: str, base: int, extra: list[str]) -> dict:
         ROOT / "eval/configs/default.yaml",
         overrides=[f"communication.name={name}", f"run.base_port={base}", "run.progress=false", *extra],
     )
-    out = Path("/tmp") / f"dflsplit-bench-comm-{name}-{time.time_ns()}"
-    return run_experiment(cfg, out_dir=out, progress=False)
+    out = Path(tempfile.mkdtemp(prefix=f"dflsplit-bench-comm-{name}-"))
+    try:
+        return run_experiment(cfg, out_dir=out, progress=False)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 class Table:
     def __init__(self):
         self.rows: list[dict] = []
+        self.lines: list[str] = []
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+        print(line, flush=True)
 
     def add(self, row: str, unit: str, tcp, torrent, ratio=None, target: str = "", ok=None, note: str = ""):
         r = {"row": row, "unit": unit, "tcp": tcp, "torrent": torrent, "ratio": ratio, "target": target,
              "ok": ok, "note": note}
         self.rows.append(r)
-        print(self.format(r), flush=True)
+        self.say(self.format(r))
 
     @staticmethod
     def header() -> str:
@@ -163,16 +175,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="p2p,throughput,swarm,dpsgd,sweep")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not a measurement)")
-    ap.add_argument("--base-port", type=int, default=46000)
+    ap.add_argument("--base-port", type=int, default=28000, help="below the ephemeral port range")
     ap.add_argument("--out", type=Path, default=ROOT / "eval/bench/results/comm.json")
     args = ap.parse_args(argv)
     rows = set(args.rows.split(","))
     q = args.quick
     base = lambda n: free_base(n, args.base_port)  # noqa: E731
     table = Table()
-    print(f"# dflsplit communication benchmark, {datetime.now():%Y-%m-%d %H:%M}, {platform.node()}, "
-          f"{mp.cpu_count()} CPUs; `python {' '.join(['eval/bench/comm.py', *sys.argv[1:]])}`")
-    print(table.header())
+    table.say(f"# dflsplit communication benchmark, {datetime.now():%Y-%m-%d %H:%M}, {platform.node()}, "
+              f"{mp.cpu_count()} CPUs; `python {' '.join(['eval/bench/comm.py', *sys.argv[1:]])}`")
+    table.say(table.header())
 
     if "p2p" in rows:
         reps = 6 if q else 21
@@ -196,9 +208,9 @@ def main(argv=None) -> int:
                   "torrent <= 0.25 x tcp", tor / tcp <= 0.25)
 
     if "dpsgd" in rows:
-        try:
-            import dflsplit.launch  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("dflsplit.launch") is None:
             table.add("D-PSGD default (16 nodes): median round", "s", "n/a", "n/a",
                       note="dflsplit.launch.run_experiment is not available")
         else:
@@ -231,7 +243,8 @@ def main(argv=None) -> int:
         "time": datetime.now().isoformat(timespec="seconds"), "host": platform.node(), "cpus": mp.cpu_count(),
         "command": " ".join(["python", "eval/bench/comm.py", *sys.argv[1:]]), "quick": q, "rows": table.rows,
     }, indent=1))
-    print(f"# written to {args.out}")
+    args.out.with_suffix(".txt").write_text("\n".join(table.lines) + "\n")
+    print(f"# written to {args.out} and {args.out.with_suffix('.txt')}")
     return 0 if all(r["ok"] is not False for r in table.rows) else 1
 
 
