@@ -56,6 +56,7 @@ class Message:
     header: dict[str, Any]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     nbytes: int = 0
+    error: str | None = None  # set when the message could not be delivered; receive raises it
 
 
 class Mailbox:

@@ -20,7 +20,7 @@ import torch
 import zmq
 
 from ..mappings.linear import MappingError
-from .base import Mailbox, Message, PeerTimeout, Transport, check_payload
+from .base import CommError, Mailbox, Message, PeerTimeout, Transport, check_payload
 from .codec import CodecError, decode, decode_header, encode
 from .ratelimit import TokenBucket
 
@@ -256,7 +256,9 @@ class ZmqTransport(Transport):
         timeout = self.cfg.timeout if timeout is None else timeout
         m = self.mailbox.take(lambda m: m.key == key and m.sender == sender, timeout)
         if m is None:
-            raise PeerTimeout(sender, key, timeout, self.uid)
+            raise PeerTimeout(sender, key, timeout, self.uid, detail=self.timeout_detail(key, sender))
+        if m.error is not None:
+            raise CommError(m.error)
         if expect is not None:
             check_payload(m, expect)
         return m
@@ -266,7 +268,13 @@ class ZmqTransport(Transport):
         m = self.mailbox.take(lambda m: m.key.startswith(prefix), timeout)
         if m is None:
             raise PeerTimeout(sorted(self._peers), prefix + "*", timeout, self.uid)
+        if m.error is not None:
+            raise CommError(m.error)
         return m
+
+    def timeout_detail(self, key: str, sender: int) -> str:
+        """What to add to a PeerTimeout for `key` from `sender` (e.g. transfer progress)."""
+        return ""
 
     @property
     def bytes_sent(self) -> int:

@@ -57,7 +57,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from ..mappings.linear import MappingError
-from .base import TRANSPORTS, CommError, Message, PeerTimeout, check_payload
+from .base import TRANSPORTS, CommError, Message
 from .codec import CodecError, decode, encode
 from .control import DATA, ZmqTransport
 from .torrent_sockets import set_nodelay
@@ -234,13 +234,6 @@ def _close_data_planes_at_exit() -> None:
             t._shutdown_data_plane()
         except Exception:  # pragma: no cover - best effort at exit
             pass
-
-
-@dataclass
-class _Failed(Message):
-    """A message that could not be delivered; `receive` raises CommError with `error`."""
-
-    error: str = ""
 
 
 @dataclass
@@ -538,7 +531,7 @@ class TorrentTransport(ZmqTransport):
             if info.num_files() != 1 or "/" in info.name() or info.name().startswith("."):
                 raise ValueError(f"expected one plain file, got {info.num_files()} ({info.name()!r})")
         except (RuntimeError, ValueError) as e:
-            self.deliver(_Failed(sender, key, header, error=(
+            self.deliver(Message(sender, key, header, error=(
                 f"node {self.uid}: torrent metadata for {key!r} from node {sender} rejected: {e}")))
             return
         peers = [sender]
@@ -742,30 +735,7 @@ class TorrentTransport(ZmqTransport):
                 return
             t.delivered, t.busy = True, False
         log.warning("%s", error)
-        self.deliver(_Failed(t.sender, t.key, t.header, error=error))
-
-    def receive(
-        self,
-        key: str,
-        sender: int,
-        timeout: float | None = None,
-        expect: Mapping[str, tuple[Sequence[int], str]] | None = None,
-    ) -> Message:
-        timeout = self.cfg.timeout if timeout is None else timeout
-        m = self.mailbox.take(lambda m: m.key == key and m.sender == sender, timeout)
-        if m is None:
-            raise PeerTimeout(sender, key, timeout, self.uid, detail=self._progress_note(key, sender))
-        if isinstance(m, _Failed):
-            raise CommError(m.error)
-        if expect is not None:
-            check_payload(m, expect)
-        return m
-
-    def receive_any(self, timeout: float | None = None, prefix: str = "") -> Message:
-        m = super().receive_any(timeout, prefix)
-        if isinstance(m, _Failed):
-            raise CommError(m.error)
-        return m
+        self.deliver(Message(t.sender, t.key, t.header, error=error))
 
     # retention -------------------------------------------------------------------
     def advance(self, round_: int) -> None:
@@ -838,7 +808,7 @@ class TorrentTransport(ZmqTransport):
             "piece_length": t.info.piece_length(),
         }
 
-    def _progress_note(self, key: str, sender: int) -> str:
+    def timeout_detail(self, key: str, sender: int) -> str:
         p = self.progress(key, sender)
         if p is None:
             return "no torrent announced" if self.session is not None else ""
