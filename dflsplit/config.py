@@ -104,7 +104,7 @@ class SharingConfig:
 class CommunicationConfig:
     """Transport and link settings. Rates are bytes per second, 0 = unlimited."""
 
-    name: Literal["tcp", "torrent"] = "tcp"
+    name: Literal["tcp", "torrent"] = "torrent"
     timeout: float = 120.0
     hello_timeout: float = 60.0
     upload_limit: int = 0

@@ -1,28 +1,26 @@
 import itertools
 import os
-import socket
 
 import pytest
 
-# Port ranges by test module so concurrent test runs on one host don't collide.
-_next_port = itertools.count(int(os.environ.get("DFLSPLIT_TEST_BASE_PORT", "24000")), 40)
+from dflsplit.mappings import free_base_port
+
+# Test ports stay below Linux's ephemeral range (32768+), where outgoing connections could
+# take them. Each test gets the next block; the first block is random per process so that
+# concurrent test runs on one host rarely probe the same ports.
+FIRST_PORT, LAST_PORT, BLOCK = 12000, 32000, 40
+_blocks = itertools.count(
+    int(os.environ.get("DFLSPLIT_TEST_BLOCK", os.getpid() % ((LAST_PORT - FIRST_PORT) // BLOCK)))
+)
 
 
-def _range_free(start: int, count: int) -> bool:
-    for port in range(start, start + count):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
+def next_base_port(nodes: int) -> int:
+    """A base port with `nodes` nodes' worth of free ports above it, below 32768."""
+    start = FIRST_PORT + (next(_blocks) * BLOCK) % (LAST_PORT - FIRST_PORT)
+    return free_base_port(nodes, start)
 
 
 @pytest.fixture
 def base_port():
     """A base port with 40 free ports above it (20 nodes' worth)."""
-    for _ in range(200):
-        port = next(_next_port)
-        if _range_free(port, 40):
-            return port
-    raise RuntimeError("no free port range found")
+    return next_base_port(20)

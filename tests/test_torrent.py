@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -23,26 +22,9 @@ from dflsplit.communication.torrent import TORRENT, TorrentTransport, piece_size
 from dflsplit.config import CommunicationConfig
 from dflsplit.mappings import LinearMapping, MappingError
 
-PORT_RANGE = (30000, 45000)
+from conftest import next_base_port
+
 MB = 1 << 20
-
-
-def free_base(n: int) -> int:
-    """A base port in PORT_RANGE with 2n free ports (control + data per node) above it."""
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(500):
-        base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1] - 2 * n) & ~1
-        ok = True
-        for port in range(base, base + 2 * n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
 
 
 def config(**kw) -> CommunicationConfig:
@@ -72,7 +54,7 @@ def in_parallel(fns, timeout=60):
 def cluster(n, per_node=None, base=None, start=None, name="torrent", **kw):
     """`n` started and mutually connected transports (node i gets `per_node[i]` overrides);
     `start` restricts which uids live in this process. Closed (and checked clean) on exit."""
-    base = base or free_base(n)
+    base = base or next_base_port(n)
     mapping = LinearMapping(1, n, {0: "127.0.0.1"}, base)
     uids = list(range(n)) if start is None else list(start)
     ts = {}
@@ -198,9 +180,17 @@ def test_rate_limits_are_respected(transport, side):
 
     # the time the link takes: a limited transfer less the same transfer unlimited
     # (encoding, hashing, connecting and decoding take the same time in both)
-    link = transfer_seconds({f"{side}_limit": rate}) - transfer_seconds({})
     expected = size / rate
-    assert 0.85 * expected <= link <= 1.15 * expected, f"{link:.2f} s for {expected:.2f} s of data"
+    links = []
+    for _ in range(3):
+        link = transfer_seconds({f"{side}_limit": rate}) - transfer_seconds({})
+        links.append(link)
+        # never faster than the limit allows, on any attempt
+        assert link >= 0.85 * expected, f"{link:.2f} s for {expected:.2f} s of data"
+        if link <= 1.15 * expected:
+            break
+    # and not slower either: a stall of the busy CI machine may slow one attempt, not three
+    assert min(links) <= 1.15 * expected, f"{[round(x, 2) for x in links]} s for {expected:.2f} s of data"
 
 
 # --- failures ---------------------------------------------------------------------------
@@ -252,7 +242,7 @@ def wait_for(predicate, timeout, what):
 
 def test_killed_publisher_receivers_complete_from_each_other(tmp_path):
     n, size = 3, 4 * MB
-    base = free_base(n)
+    base = next_base_port(n)
     # the publisher sends at 4 MB/s, each receiver takes 2 MB/s: when the pieces exist
     # among the receivers, each holds about half of them
     with publisher_process(base, n, 4 * MB, size, tmp_path / "spool") as (proc, ready):
@@ -280,7 +270,7 @@ def test_killed_publisher_receivers_complete_from_each_other(tmp_path):
 
 def test_killed_publisher_ends_in_a_peer_timeout(tmp_path):
     n, size = 3, 8 * MB
-    base = free_base(n)
+    base = next_base_port(n)
     with publisher_process(base, n, 256 * 1024, size, tmp_path / "spool") as (proc, ready):
         rs = start_receivers(n, base)
         try:
@@ -425,7 +415,7 @@ def test_only_hosts_of_the_mapping_may_connect():
 
 
 def test_data_port_in_use_is_named():
-    base = free_base(2)
+    base = next_base_port(2)
     mapping = LinearMapping(1, 2, {0: "127.0.0.1"}, base)
     with socket.socket() as s:
         s.bind(("127.0.0.1", mapping.data_port(1)))
@@ -456,7 +446,7 @@ def test_dpsgd_over_torrent_reaches_the_accuracy_of_tcp(tmp_path):
     summaries = {}
     for name in ("tcp", "torrent"):
         cfg = load_config(root / "eval/configs/default.yaml", overrides=[
-            "run.procs_per_machine=8", "run.rounds=10", f"run.base_port={free_base(8)}", "run.progress=false",
+            "run.procs_per_machine=8", "run.rounds=10", f"run.base_port={next_base_port(8)}", "run.progress=false",
             f"communication.name={name}", "communication.small_payload_bytes=0",  # every model as a torrent
         ])
         summaries[name] = run_experiment(cfg, out_dir=tmp_path / name, progress=False)

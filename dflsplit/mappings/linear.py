@@ -103,15 +103,36 @@ class LinearMapping:
     def check_ports_free(self, uid: int) -> None:
         """Raise MappingError naming the node and port if one of its ports is taken."""
         for port in self.ports(uid):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind((self.host(uid), port))
-                except OSError as e:
-                    raise MappingError(
-                        f"node {uid}: port {port} on {self.host(uid)} is already in use ({e.strerror}); "
-                        f"choose another run.base_port"
-                    ) from None
+            if not ports_free(self.host(uid), [port]):
+                raise MappingError(
+                    f"node {uid}: port {port} on {self.host(uid)} is already in use; "
+                    f"choose another run.base_port"
+                )
+
+
+def ports_free(host: str, ports) -> bool:
+    """Whether every port in `ports` can be bound on `host` right now."""
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_base_port(nodes: int, start: int, stop: int = 32768, host: str = "127.0.0.1") -> int:
+    """The first base port in [start, stop) whose `nodes` nodes' ports are all free on `host`.
+
+    The default `stop` keeps runs below Linux's ephemeral port range (32768-60999), where
+    an outgoing connection may take a port between this check and the node's bind.
+    """
+    count = PORTS_PER_NODE * nodes
+    for base in range(start, stop - count + 1, count):
+        if ports_free(host, range(base, base + count)):
+            return base
+    raise MappingError(f"no {count} consecutive free ports on {host} in {start}..{stop - 1}")
 
 
 def read_ip_file(path: str | Path) -> dict[int, str]:

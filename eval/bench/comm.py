@@ -31,7 +31,6 @@ import multiprocessing as mp
 import platform
 import queue
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -45,28 +44,10 @@ sys.path.insert(0, str(ROOT))
 from dflsplit.communication import build_transport  # noqa: E402
 from dflsplit.communication.control import ZmqTransport  # noqa: E402
 from dflsplit.config import CommunicationConfig, load_config  # noqa: E402
-from dflsplit.mappings import LinearMapping  # noqa: E402
+from dflsplit.mappings import LinearMapping, free_base_port  # noqa: E402
 
 MB = 1 << 20
 FORCE_TORRENT = {"small_payload_bytes": 0}
-
-
-def free_base(nodes: int, start: int) -> int:
-    """The first base port ≥ `start` with 2 × `nodes` free ports above it."""
-    base = start
-    while base < 65000:
-        ok = True
-        for port in range(base, base + 2 * nodes):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-        base += 2 * nodes + 2
-    raise RuntimeError("no free port range")
 
 
 def _node(uid, n, base, cfg_kw, size, receivers, reps, results):
@@ -180,7 +161,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = set(args.rows.split(","))
     q = args.quick
-    base = lambda n: free_base(n, args.base_port)  # noqa: E731
+    base = lambda n: free_base_port(n, args.base_port)  # noqa: E731
     table = Table()
     table.say(f"# dflsplit communication benchmark, {datetime.now():%Y-%m-%d %H:%M}, {platform.node()}, "
               f"{mp.cpu_count()} CPUs; `python {' '.join(['eval/bench/comm.py', *sys.argv[1:]])}`")
