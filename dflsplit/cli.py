@@ -88,11 +88,34 @@ def _add_stages(sub) -> None:
     p.set_defaults(func=run_stages)
 
 
+def _add_keys(sub) -> None:
+    p = sub.add_parser(
+        "keys", help="write CURVE key pairs that authenticate and encrypt the control plane",
+        description="Write node_<uid>.key (public) and node_<uid>.key_secret for nodes 0..N-1 into "
+        "FOLDER, then set communication.curve_keys: FOLDER. Every machine needs all public keys "
+        "and the secret keys of its own nodes.",
+    )
+    p.add_argument("folder")
+    p.add_argument("--nodes", type=int, required=True, help="number of nodes in the run")
+    p.add_argument("--overwrite", action="store_true", help="replace existing keys")
+    p.set_defaults(func=_cmd_keys)
+
+
+def _cmd_keys(args) -> int:
+    from .communication.keys import write_keys
+
+    if args.nodes < 1:
+        raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
+    written = write_keys(args.folder, args.nodes, overwrite=args.overwrite)
+    print(f"wrote {len(written) // 2} key pairs to {args.folder}; set communication.curve_keys: {args.folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dflsplit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_run, _add_check, _add_generate_graph, _add_plot, _add_stages):
+    for add in (_add_run, _add_check, _add_generate_graph, _add_plot, _add_stages, _add_keys):
         add(sub)
     return parser
 

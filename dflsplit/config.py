@@ -96,13 +96,16 @@ class SharingConfig:
     """What of the model is sent and how received models are combined."""
 
     name: str = "full"
-    fraction: float = 1.0
     aggregator: str = "mixing"
 
 
 @dataclass
 class CommunicationConfig:
-    """Transport and link settings. Rates are bytes per second, 0 = unlimited."""
+    """Transport and link settings. Rates are bytes per second, 0 = unlimited.
+
+    `curve_keys` is a folder written by `dflsplit keys`; when set, the control plane is
+    authenticated and encrypted with CURVE.
+    """
 
     name: Literal["tcp", "torrent"] = "torrent"
     timeout: float = 120.0
@@ -117,7 +120,7 @@ class CommunicationConfig:
     upnp: bool = False
     natpmp: bool = False
     trackers: list[str] = field(default_factory=list)
-    curve: bool = False
+    curve_keys: Optional[str] = None
 
 
 @dataclass
@@ -127,7 +130,6 @@ class NodeConfig:
     name: str = "dpsgd"
     test_after: int = 10
     eval_train: bool = False
-    server: int = 0
 
 
 @dataclass

@@ -149,6 +149,19 @@ def _child(cfg: Config, uid: int, run_dir: Path, mapping, graph, events) -> None
     events.put({"event": "done", "uid": uid, "time": time.time()})
 
 
+def check_curve_keys(cfg: Config, mapping) -> None:
+    """Resolve `communication.curve_keys` beside the config file, and load this machine's
+    nodes' keys now, so that a missing key fails the run before any node starts."""
+    if not cfg.communication.curve_keys:
+        return
+    from .communication.keys import CurveKeys
+
+    folder = cfg.resolve(cfg.communication.curve_keys)
+    cfg.communication.curve_keys = str(folder)
+    for uid in mapping.local_uids(cfg.run.machine_id):
+        CurveKeys(folder, uid, range(mapping.num_nodes))
+
+
 def make_run_dir(cfg: Config, out_dir: str | Path | None) -> Path:
     """`out_dir` as given, else `<run.out_dir>/<run.name>-<timestamp>` (machine id appended when several)."""
     if out_dir is not None:
@@ -176,6 +189,7 @@ def run_experiment(
 
     launch = time.time()
     mapping = LinearMapping.from_config(cfg)
+    check_curve_keys(cfg, mapping)
     node_cls = NODES.get(cfg.node.name)
     graph = node_cls.topology(cfg)
     run_dir = make_run_dir(cfg, out_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .results import mean_std, read_run
 
-METRICS = ("train_loss", "test_loss", "test_acc")
+METRICS = ("train_loss", "test_loss", "test_acc", "train_acc")  # train_acc: with node.eval_train
 
 
 def aggregate_rounds(run_dir: str | Path) -> list[dict]:
@@ -57,7 +57,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate_rounds(run_dir)
     written = [write_csv(rows, out / "metrics.csv")]
-    for metric, label in (("test_acc", "test accuracy"), ("test_loss", "test loss"), ("train_loss", "train loss")):
+    plots = (("test_acc", "test accuracy"), ("test_loss", "test loss"), ("train_loss", "train loss"),
+             ("train_acc", "accuracy on own training shard"))
+    for metric, label in plots:
         pts = [r for r in rows if not math.isnan(r[f"{metric}_mean"])]
         if not pts:
             continue

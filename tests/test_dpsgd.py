@@ -26,7 +26,7 @@ def dpsgd_config(base_port, *extra):
 
 @pytest.mark.slow
 def test_eight_node_dpsgd_on_digits_reaches_85_percent(tmp_path, base_port):
-    cfg = dpsgd_config(base_port, "communication.name=tcp")
+    cfg = dpsgd_config(base_port, "communication.name=tcp", "node.eval_train=true")
     summary = run_experiment(cfg, tmp_path / "run")
     assert summary["nodes"] == 8 and summary["test_acc_mean"] >= 0.85, summary
 
@@ -38,6 +38,9 @@ def test_eight_node_dpsgd_on_digits_reaches_85_percent(tmp_path, base_port):
         tested = [r for r in records if r["test_acc"] is not None]
         assert [r["round"] for r in tested] == [4, 9, 14, 19]
         assert tested[-1]["test_acc"] > tested[0]["test_acc"] - 0.05
+        # node.eval_train: the node's own shard is evaluated in the same rounds
+        assert [r["round"] for r in records if r.get("train_acc") is not None] == [4, 9, 14, 19]
+        assert tested[-1]["train_acc"] >= 0.85 and tested[-1]["train_eval_loss"] > 0
         # bytes grow every round: four neighbours' models in, four out
         assert records[-1]["bytes_sent"] > records[0]["bytes_sent"] > 0
         assert records[-1]["bytes_received"] > 0
@@ -49,7 +52,7 @@ def test_eight_node_dpsgd_on_digits_reaches_85_percent(tmp_path, base_port):
     assert (tmp_path / "run/node_0.log").read_text().count("connected to 4 peers") == 1
 
     written = plot_run(tmp_path / "run")
-    assert {p.name for p in written} == {"metrics.csv", "test_acc.png", "test_loss.png", "train_loss.png"}
+    assert {p.name for p in written} == {"metrics.csv", "test_acc.png", "test_loss.png", "train_loss.png", "train_acc.png"}
     csv = (tmp_path / "run/metrics.csv").read_text().splitlines()
     assert csv[0].startswith("round,nodes,train_loss_mean") and len(csv) == 21
 

@@ -191,8 +191,8 @@ def test_upload_rate_limit_within_15_percent(base_port):
 def test_download_rate_limit_within_15_percent(base_port):
     rate = 4_000_000
     mapping = LinearMapping(1, 2, {0: "127.0.0.1"}, base_port)
-    fast = CommunicationConfig(timeout=10, hello_timeout=5)
-    slow = CommunicationConfig(timeout=10, hello_timeout=5, download_limit=rate)
+    fast = CommunicationConfig(name="tcp", timeout=10, hello_timeout=5)
+    slow = CommunicationConfig(name="tcp", timeout=10, hello_timeout=5, download_limit=rate)
     ts = [build_transport(0, mapping, fast), build_transport(1, mapping, slow)]
     for t in ts:
         t.start()

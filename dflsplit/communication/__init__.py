@@ -6,13 +6,7 @@
 
 from .base import TRANSPORTS, CommError, Message, PayloadMismatch, PeerTimeout, Transport
 from .codec import CodecError, decode, encode
-from . import tcp  # noqa: F401  (registers "tcp")
-
-try:  # the BitTorrent data plane registers "torrent" when its module exists
-    from . import torrent  # noqa: F401
-except ImportError as _e:  # pragma: no cover - only when the module is absent
-    if "torrent" not in str(_e):
-        raise
+from . import tcp, torrent  # noqa: F401  (register "tcp" and "torrent")
 
 
 def build_transport(uid: int, mapping, cfg) -> Transport:

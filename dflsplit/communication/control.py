@@ -22,6 +22,7 @@ import zmq
 from ..mappings.linear import MappingError
 from .base import CommError, Mailbox, Message, PeerTimeout, Transport, check_payload
 from .codec import CodecError, decode, decode_header, encode
+from .keys import CurveKeys
 from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,10 @@ class ControlPlane:
         on_frame: Callable[[int, bytes, memoryview], None],
         upload_limit: int = 0,
         download_limit: int = 0,
+        keys: CurveKeys | None = None,
     ):
         self.uid = uid
+        self.keys = keys
         self.mapping = mapping
         self.on_frame = on_frame
         self.up = TokenBucket(upload_limit)
@@ -50,14 +53,19 @@ class ControlPlane:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._ctx = zmq.Context()
+        self._auth = keys.start_authenticator(self._ctx) if keys else None
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.RCVHWM, 0)
+        if keys:
+            keys.secure_server(self._router)
         address = f"tcp://{mapping.host(uid)}:{mapping.control_port(uid)}"
         try:
             self._router.bind(address)
         except zmq.ZMQError as e:
             self._router.close()
+            if self._auth:
+                self._auth.stop()
             self._ctx.term()
             raise MappingError(
                 f"node {uid}: cannot bind control port {mapping.control_port(uid)} on "
@@ -82,6 +90,8 @@ class ControlPlane:
                 s.setsockopt(zmq.IDENTITY, str(self.uid).encode())
                 s.setsockopt(zmq.SNDHWM, 0)
                 s.setsockopt(zmq.LINGER, 5000)
+                if self.keys:
+                    self.keys.secure_client(s, peer)
                 s.connect(self.mapping.control_address(peer))
                 self._dealers[peer] = s
                 self._locks[peer] = threading.Lock()
@@ -127,6 +137,12 @@ class ControlPlane:
             except (ValueError, MappingError):
                 log.warning("node %d: dropped a frame from unknown id %r", self.uid, bytes(ident.buffer)[:32])
                 continue
+            if self.keys and kind.get("User-Id") != str(sender):
+                log.warning(
+                    "node %d: dropped a frame claiming to be node %d, authenticated as %r",
+                    self.uid, sender, kind.get("User-Id") or "no node",
+                )
+                continue
             n = len(kind.buffer) + len(body.buffer)
             self.down.consume(n)
             self.count_received(n)
@@ -145,6 +161,8 @@ class ControlPlane:
                 s.close()
             self._dealers.clear()
         self._router.close()
+        if self._auth:
+            self._auth.stop()
         self._ctx.term()
 
 
@@ -169,8 +187,11 @@ class ZmqTransport(Transport):
 
     # lifecycle -----------------------------------------------------------------
     def start(self) -> None:
+        keys = None
+        if self.cfg.curve_keys:
+            keys = CurveKeys(self.cfg.curve_keys, self.uid, range(self.mapping.num_nodes))
         self.control = ControlPlane(
-            self.uid, self.mapping, self._on_frame, self.cfg.upload_limit, self.cfg.download_limit
+            self.uid, self.mapping, self._on_frame, self.cfg.upload_limit, self.cfg.download_limit, keys
         )
         self.control.start()
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from ..config import DatasetConfig
+from ..config import ConfigError, DatasetConfig
 from ..registry import Registry
 from .partition import partition_indices
 
@@ -171,9 +171,7 @@ def cap_indices(indices: np.ndarray | None, total: int, cap: int | None, seed: i
     return np.sort(rng.choice(pool, size=cap, replace=False))
 
 
-def root_missing_error(name: str) -> "ConfigError":
-    from ..config import ConfigError
-
+def root_missing_error(name: str) -> ConfigError:
     return ConfigError(
         f"dataset {name!r} reads files from disk: set key 'dataset.root' to the folder that holds "
         f"them (fetch them with `python download_dataset.py {name} --root DIR`)"

@@ -60,8 +60,19 @@ class Node:
         last = round_ == self.cfg.run.rounds - 1
         return last or (round_ + 1) % self.cfg.node.test_after == 0
 
-    def test(self) -> tuple[float, float]:
-        return evaluate(self.model, self.data.test_x, self.data.test_y, self.cfg.training.eval_batch_size)
+    def prepare_eval(self) -> None:
+        """Make `self.model` the model to evaluate (a split node assembles it from replicas)."""
+
+    def test(self) -> dict[str, float]:
+        """Evaluate on the test set (test_loss, test_acc), and on the node's training shard
+        too (train_eval_loss, train_acc) when `node.eval_train` is set."""
+        self.prepare_eval()
+        batch = self.cfg.training.eval_batch_size
+        out = dict(zip(("test_loss", "test_acc"), evaluate(self.model, self.data.test_x, self.data.test_y, batch)))
+        if self.cfg.node.eval_train:
+            train = evaluate(self.model, self.data.train_x, self.data.train_y, batch)
+            out.update(zip(("train_eval_loss", "train_acc"), train))
+        return out
 
     def run(self) -> None:
         t0 = time.perf_counter()
@@ -73,14 +84,15 @@ class Node:
             t0 = time.perf_counter()
             record = {"round": r, **self.run_round(r)}
             record["round_seconds"] = time.perf_counter() - t0
-            test_loss = test_acc = None
+            metrics = dict.fromkeys(("test_loss", "test_acc"))
             eval_seconds = 0.0
             if self.should_test(r):
                 t1 = time.perf_counter()
-                test_loss, test_acc = self.test()
+                metrics = self.test()
                 eval_seconds = time.perf_counter() - t1
+            test_acc = metrics["test_acc"]
             record.update(
-                test_loss=test_loss, test_acc=test_acc, eval_seconds=eval_seconds,
+                **metrics, eval_seconds=eval_seconds,
                 bytes_sent=self.transport.bytes_sent, bytes_received=self.transport.bytes_received,
                 wall_time=time.time(),
             )

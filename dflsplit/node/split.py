@@ -58,7 +58,7 @@ from ..graphs import Graph
 from ..mappings.stages import client_to_uid, mapping_from_config, uid_to_client
 from ..models import MODELS
 from ..sharing import weighted_average
-from ..training import BatchSampler, build_optimizer, evaluate
+from ..training import BatchSampler, build_optimizer
 from .base import NODES, Node
 from .split_schedule import Action, DataflowQueue, SplitPlan, Token, describe_blocked
 
@@ -385,8 +385,8 @@ class SplitNode(Node):
         return f"client {c} (node {client_to_uid(c)})" if c else None
 
     # evaluation ---------------------------------------------------------------------------------------
-    def test(self) -> tuple[float, float]:
-        """Assemble this owner's model from the replicas it uses (runners send theirs) and test it."""
+    def prepare_eval(self) -> None:
+        """Assemble this owner's model from the replicas it uses (runners send theirs)."""
         r, me = self.round, self.client
         for (o, p), rep in self.replicas.items():
             if o != me:
@@ -399,7 +399,6 @@ class SplitNode(Node):
                 msg = self.transport.receive(f"{EVAL_PREFIX}{r}/{me}/{p}", client_to_uid(runner), expect=describe(part.state_dict()))
                 state = msg.tensors
             part.load_state_dict(state)
-        return evaluate(self.model, self.data.test_x, self.data.test_y, self.cfg.training.eval_batch_size)
 
     def run(self) -> None:
         super().run()
