@@ -167,6 +167,15 @@ def test_bye_waits_for_peers_then_returns(base_port):
     assert done.wait(5)
 
 
+def test_close_does_not_linger_on_a_dead_peer(base_port):
+    _, ts = start_all(2, base_port)
+    connect_full(ts)
+    ts[1].control.close(linger_ms=0)  # node 1 dies without a BYE
+    t0 = time.monotonic()
+    ts[0].close(timeout=0.5)  # its BYE to node 1 can never leave: no linger for it
+    assert time.monotonic() - t0 < 1.5
+
+
 def test_upload_rate_limit_within_15_percent(base_port):
     rate = 4_000_000
     _, ts = start_all(2, base_port, upload_limit=rate)

@@ -151,13 +151,16 @@ class ControlPlane:
             except Exception:  # a bad frame must not kill the receiver thread
                 log.exception("node %d: error handling a %r frame from node %d", self.uid, bytes(kind.buffer), sender)
 
-    def close(self, linger_ms: int = 2000) -> None:
+    def close(self, linger_ms: int = 2000, gone: Iterable[int] = ()) -> None:
+        """Stop receiving and close the sockets; frames still queued for a peer get up to
+        `linger_ms` to leave, except to the peers in `gone`, which nobody is listening for."""
+        gone = set(gone)
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2 * self.POLL_MS / 1000 + 5)
         with self._dealers_lock:
-            for s in self._dealers.values():
-                s.setsockopt(zmq.LINGER, linger_ms)
+            for peer, s in self._dealers.items():
+                s.setsockopt(zmq.LINGER, 0 if peer in gone else linger_ms)
                 s.close()
             self._dealers.clear()
         self._router.close()
@@ -214,7 +217,7 @@ class ZmqTransport(Transport):
             self._wait_for(self._bye, self._peers, "BYE", timeout if timeout is not None else self.cfg.timeout)
         except PeerTimeout as e:
             log.warning("%s", e)
-        self.control.close()
+        self.control.close(gone=self._peers - self._bye)
 
     def _wait_for(self, got: set[int], peers: set[int], what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
