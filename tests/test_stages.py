@@ -25,17 +25,11 @@ from dflsplit.mappings.stages import (
 )
 from dflsplit.mappings.stages_cli import model_partitions, stages_main
 
+from stage_examples import ALL_LOCAL, EXAMPLE
+
 REPO = Path(__file__).resolve().parents[1]
 SPLIT_CONFIGS = REPO / "eval" / "configs" / "split"
 
-EXAMPLE = [
-    ["1_1", "1_2", "4_3", "1_4", "1_5", "4_6", "1_7", "1_8"],
-    ["2_1", "2_2", "1_3", "2_4", "2_5", "1_6", "2_7", "2_8"],
-    ["3_1", "5_2", "5_3", "3_4", "3_5", "5_6", "5_7", "3_8"],
-    ["4_1", "4_2", "3_3", "4_4", "4_5", "3_6", "4_7", "4_8"],
-    ["5_1", "3_2", "2_3", "5_4", "5_5", "2_6", "3_7", "5_8"],
-]
-ALL_LOCAL = [[f"{i}_{s}" for s in range(1, 9)] for i in range(1, 6)]
 
 # Two clients, P=3: each runs the other's partition 2; rows ordered so nothing waits forever.
 SWAP2 = [
