@@ -184,7 +184,7 @@ def run_experiment(
     Node processes are forked from this one. Results go to `out_dir` (created), or to
     a fresh folder under `run.out_dir`. Raises RunFailed if a node fails.
     """
-    from .datasets import prepare_dataset
+    from .datasets import preload_global_test_set, prepare_dataset
     from .node import NODES
 
     launch = time.time()
@@ -198,6 +198,9 @@ def run_experiment(
     prepare_dataset(cfg)
     keep_freed_memory()
     warm_up(cfg)
+    import torch
+
+    preload_global_test_set(cfg, torch.channels_last)  # the layout node_main gives images
     uids = node_cls.local_uids(cfg, mapping)
     for uid in uids:
         mapping.check_ports_free(uid)

@@ -17,7 +17,7 @@ import torch
 from dflsplit.config import Config, ConfigError, load_config
 from dflsplit.datasets import (
     DATASETS, DatasetFormatError, DatasetMissingError, build_dataset, label_entropy, load_node_data,
-    partition_indices, prepare_dataset,
+    partition_indices, preload_global_test_set, prepare_dataset,
 )
 from dflsplit.datasets.cifar10 import CIFAR10
 from dflsplit.datasets.mnist import MNIST
@@ -218,6 +218,18 @@ def test_local_test_sets_split_the_test_set_and_global_gives_all_of_it():
     capped = [load_node_data(cfg_for("digits", nodes=3, max_test=50), uid) for uid in (0, 2)]
     assert capped[0].num_test == 50 and np.array_equal(capped[0].test_indices, capped[1].test_indices)
     assert torch.equal(capped[0].test_x, whole.test_x[capped[0].test_indices])
+
+
+def test_a_preloaded_global_test_set_is_shared_by_the_nodes_of_that_config():
+    cfg = cfg_for("digits", nodes=3, test="global", max_test=100)
+    own = load_node_data(cfg, 1)
+    preload_global_test_set(cfg, torch.channels_last)
+    shared = [load_node_data(cfg, uid) for uid in range(3)]
+    assert shared[0].test_x.data_ptr() == shared[2].test_x.data_ptr()  # one copy, not three
+    assert torch.equal(shared[1].test_x, own.test_x) and torch.equal(shared[1].test_y, own.test_y)
+    assert shared[0].test_x.is_contiguous(memory_format=torch.channels_last)
+    other = load_node_data(cfg_for("digits", nodes=3, test="global", max_test=50), 0)  # another config
+    assert other.num_test == 50 and other.test_x.data_ptr() != shared[0].test_x.data_ptr()
 
 
 def test_uid_and_config_errors():

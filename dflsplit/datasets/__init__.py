@@ -20,7 +20,18 @@ from .partition import METHODS, label_entropy, partition_indices
 __all__ = [
     "DATASETS", "Dataset", "DatasetFormatError", "DatasetMissingError", "NodeData", "METHODS",
     "build_dataset", "label_entropy", "load_node_data", "partition_indices", "prepare_dataset",
+    "preload_global_test_set",
 ]
+
+# The global test set, loaded once by the launcher before it forks the node processes:
+# (dataset config, root, seed, indices) → (x, y). The nodes only read it, so they share its
+# pages instead of each generating or reading a copy.
+_GLOBAL_TEST: dict[tuple, tuple] = {}
+
+
+def _global_test_key(cfg: Config, indices) -> tuple:
+    ids = None if indices is None else tuple(int(i) for i in indices)
+    return repr(cfg.dataset), str(cfg.resolve(cfg.dataset.root)), cfg.run.seed, ids
 
 
 def _dataset_class(cfg: Config) -> type[Dataset]:
@@ -61,6 +72,22 @@ def prepare_dataset(cfg: Config) -> None:
     cls.prepare(cfg.dataset, cfg.resolve(cfg.dataset.root))
 
 
+def preload_global_test_set(cfg: Config, memory_format=None) -> None:
+    """Load the whole test set once in this process (`dataset.test: global`), so that node
+    processes forked afterwards share it instead of loading their own copies (it replaces
+    the set a previous call kept). Images are
+    stored in `memory_format` (e.g. torch.channels_last), the layout the nodes use."""
+    if cfg.dataset.test != "global":
+        return
+    ds = build_dataset(cfg)
+    indices = ds.test_indices(cfg.num_nodes, 0)
+    x, y = ds.load_test(indices)
+    if memory_format is not None and x.dim() == 4:
+        x = x.contiguous(memory_format=memory_format)
+    _GLOBAL_TEST.clear()  # one run's test set at a time, however many runs this process starts
+    _GLOBAL_TEST[_global_test_key(cfg, indices)] = (x, y)
+
+
 def load_node_data(cfg: Config, uid: int) -> NodeData:
     """Node `uid`'s training shard (its part of `cfg.dataset.partition` among
     `cfg.num_nodes` nodes) and its test set (`cfg.dataset.test`: 'global' = the whole
@@ -76,7 +103,8 @@ def load_node_data(cfg: Config, uid: int) -> NodeData:
     train_idx = ds.partition_train(n)[uid]
     train_x, train_y = ds.load_train(train_idx)
     test_idx = ds.test_indices(n, uid)
-    test_x, test_y = ds.load_test(test_idx)
+    shared = _GLOBAL_TEST.get(_global_test_key(cfg, test_idx)) if cfg.dataset.test == "global" else None
+    test_x, test_y = shared if shared is not None else ds.load_test(test_idx)
     return NodeData(
         train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
         input_shape=tuple(ds.input_shape), num_classes=ds.num_classes,
