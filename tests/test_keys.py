@@ -33,11 +33,22 @@ def start(n, base, keys, nodes=None, **kw):
     ts = [build_transport(u, mapping, cfg) for u in range(n)]
     for t in ts:
         t.start()
-    threads = [threading.Thread(target=t.connect, args=([u for u in range(n) if u != t.uid],)) for t in ts]
+    errors = []
+
+    def connect(t):
+        try:
+            t.connect([u for u in range(n) if u != t.uid])
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=connect, args=(t,)) for t in ts]
     for th in threads:
         th.start()
     for th in threads:
         th.join(20)
+    if errors:
+        close(ts)
+        raise errors[0]
     return mapping, ts
 
 
