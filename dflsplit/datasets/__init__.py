@@ -74,9 +74,9 @@ def prepare_dataset(cfg: Config) -> None:
 
 def preload_global_test_set(cfg: Config, memory_format=None) -> None:
     """Load the whole test set once in this process (`dataset.test: global`), so that node
-    processes forked afterwards share it instead of loading their own copies (it replaces
-    the set a previous call kept). Images are
-    stored in `memory_format` (e.g. torch.channels_last), the layout the nodes use."""
+    processes forked afterwards share it instead of loading their own copies; it replaces
+    the set a previous call kept. Images are stored in `memory_format` (e.g.
+    torch.channels_last), the layout the nodes use."""
     if cfg.dataset.test != "global":
         return
     ds = build_dataset(cfg)
