@@ -1,5 +1,6 @@
 import itertools
 import os
+import threading
 
 import pytest
 
@@ -24,3 +25,22 @@ def next_base_port(nodes: int) -> int:
 def base_port():
     """A base port with 40 free ports above it (20 nodes' worth)."""
     return next_base_port(20)
+
+
+def in_parallel(fns, timeout=60):
+    """Run the callables in threads at once; re-raise the first error any of them raised."""
+    errors = []
+
+    def wrap(f):
+        try:
+            f()
+        except Exception as e:  # pragma: no cover - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(f,)) for f in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    if errors:
+        raise errors[0]

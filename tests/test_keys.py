@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from dflsplit.config import CommunicationConfig, load_config
 from dflsplit.launch import run_experiment
 from dflsplit.mappings import LinearMapping
 
-from conftest import next_base_port
+from conftest import in_parallel, next_base_port
 
 
 @pytest.fixture
@@ -33,31 +32,16 @@ def start(n, base, keys, nodes=None, **kw):
     ts = [build_transport(u, mapping, cfg) for u in range(n)]
     for t in ts:
         t.start()
-    errors = []
-
-    def connect(t):
-        try:
-            t.connect([u for u in range(n) if u != t.uid])
-        except Exception as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=connect, args=(t,)) for t in ts]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(20)
-    if errors:
+    try:
+        in_parallel([lambda t=t: t.connect([u for u in range(n) if u != t.uid]) for t in ts], timeout=20)
+    except Exception:
         close(ts)
-        raise errors[0]
+        raise
     return mapping, ts
 
 
 def close(ts):
-    threads = [threading.Thread(target=t.close, kwargs={"timeout": 5}) for t in ts]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(20)
+    in_parallel([lambda t=t: t.close(timeout=5) for t in ts], timeout=20)
 
 
 def send_raw(ctx, address, identity, server_key, client_pair=None):

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from dflsplit.communication.torrent import TORRENT, TorrentTransport, piece_size
 from dflsplit.config import CommunicationConfig
 from dflsplit.mappings import LinearMapping, MappingError
 
-from conftest import next_base_port
+from conftest import in_parallel, next_base_port
 
 MB = 1 << 20
 
@@ -30,24 +29,6 @@ MB = 1 << 20
 def config(**kw) -> CommunicationConfig:
     kw = {"small_payload_bytes": 0, "timeout": 20, "hello_timeout": 10, **kw}  # all payloads as torrents
     return CommunicationConfig(name="torrent", **kw)
-
-
-def in_parallel(fns, timeout=60):
-    errors = []
-
-    def wrap(f):
-        try:
-            f()
-        except Exception as e:  # pragma: no cover - re-raised below
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrap, args=(f,)) for f in fns]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    if errors:
-        raise errors[0]
 
 
 @contextlib.contextmanager

@@ -12,6 +12,8 @@ from dflsplit.communication.codec import describe, encode
 from dflsplit.config import CommunicationConfig
 from dflsplit.mappings import LinearMapping, MappingError
 
+from conftest import in_parallel
+
 
 def start_all(n, base_port, **cfg_kw):
     mapping = LinearMapping(1, n, {0: "127.0.0.1"}, base_port)
@@ -20,24 +22,6 @@ def start_all(n, base_port, **cfg_kw):
     for t in ts:
         t.start()
     return mapping, ts
-
-
-def in_parallel(fns):
-    errors = []
-
-    def wrap(f):
-        try:
-            f()
-        except Exception as e:  # pragma: no cover - surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrap, args=(f,)) for f in fns]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    if errors:
-        raise errors[0]
 
 
 def connect_full(ts):
