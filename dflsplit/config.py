@@ -21,9 +21,42 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .registry import bounds_text, key, out_of_bounds
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the file, section/key and what was expected."""
+
+
+class Section:
+    """A config section: its common keys are dataclass fields; the keys of the chosen
+    implementation (``name``) live in `options`, an instance of that implementation's
+    keys dataclass (see ``dflsplit.registry.key``), and read as attributes of the section:
+    ``cfg.sharing.alpha`` is ``cfg.sharing.options.alpha``."""
+
+    SECTION: str = ""
+
+    @property
+    def options(self) -> Any:
+        """The chosen implementation's keys (its defaults when the loader did not set them)."""
+        opts = self.__dict__.get("_options")
+        if opts is None or self.__dict__.get("_options_for") != self.name:
+            keys_cls = implementation_keys(self.SECTION, self.name)
+            opts = keys_cls() if keys_cls is not None else None
+            self.__dict__["_options"], self.__dict__["_options_for"] = opts, self.name
+        return opts
+
+    def set_options(self, options: Any) -> None:
+        self.__dict__["_options"], self.__dict__["_options_for"] = options, self.name
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("options", "SECTION"):
+            raise AttributeError(name)
+        opts = self.options
+        if opts is not None and name in {f.name for f in dataclasses.fields(opts)}:
+            return getattr(opts, name)
+        impl = getattr(self, "name", "?")
+        raise AttributeError(f"section {self.SECTION!r}: {self.SECTION} {impl!r} has no key {name!r}")
 
 
 @dataclass
@@ -32,120 +65,122 @@ class RunConfig:
 
     name: str = "run"
     seed: int = 1
-    rounds: int = 20
+    rounds: int = key(20, "communication rounds", gt=0)
     out_dir: str = "runs"
-    machines: int = 1
-    procs_per_machine: int = 16
-    machine_id: int = 0
+    machines: int = key(1, "machines in the run", gt=0)
+    procs_per_machine: int = key(16, "node processes per machine", gt=0)
+    machine_id: int = key(0, "this machine's id, 0..machines-1", ge=0)
     ip_file: Optional[str] = None
-    base_port: int = 21000
+    base_port: int = key(21000, "first port; node uid listens on base_port + 2·rank (+1)", ge=1024, le=65000)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads_per_proc: int = 0
+    threads_per_proc: int = key(0, "torch threads per node (0: cores / procs_per_machine)", ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     progress: bool = True
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(Section):
     """Which data, where it lives, and how it is split among nodes."""
 
+    SECTION = "dataset"
     name: str = "digits"
     root: Optional[str] = None
     partition: Literal["iid", "dirichlet", "shard", "contiguous"] = "iid"
-    alpha: float = 0.5
-    shards_per_node: int = 2
+    alpha: float = key(0.5, "Dirichlet concentration (partition: dirichlet)", gt=0)
+    shards_per_node: int = key(2, "label shards per node (partition: shard)", ge=1)
     test: Literal["global", "local"] = "global"
-    test_fraction: float = 0.2
-    max_test: Optional[int] = None
-    num_train: int = 5000
-    num_test: int = 1000
-    image_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
-    num_classes: int = 10
+    test_fraction: float = key(0.2, "share of a dataset without a test split held out for testing", gt=0, lt=1)
+    max_test: Optional[int] = key(None, "at most this many test samples per node", ge=1)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Network architecture; input shape and class count come from the dataset."""
 
+    SECTION = "model"
     name: str = "cnn"
-    hidden: list[int] = field(default_factory=lambda: [128])
-    partitions: Optional[int] = None
 
 
 @dataclass
-class OptimizerConfig:
-    name: Literal["sgd", "adam"] = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+class OptimizerConfig(Section):
+    """The local optimizer of each node."""
+
+    SECTION = "optimizer"
+    name: str = "sgd"
+    lr: float = key(0.05, "learning rate", gt=0)
+    weight_decay: float = key(0.0, "L2 penalty", ge=0)
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(Section):
     """Local optimisation: either `local_steps` mini-batches or `local_epochs` passes per round.
 
     `eval_batch_size`: batches of 64 keep a small CNN's activations in cache (LeNet on
     32×32 images evaluated ~20% faster than with 200, and with less memory).
     """
 
+    SECTION = "training"
     name: str = "local_sgd"
-    batch_size: int = 32
-    local_steps: Optional[int] = 10
-    local_epochs: Optional[float] = None
-    eval_batch_size: int = 64
+    batch_size: int = key(32, "mini-batch size", gt=0)
+    local_steps: Optional[int] = key(10, "mini-batches per round", gt=0)
+    local_epochs: Optional[float] = key(None, "passes over the shard per round", gt=0)
+    eval_batch_size: int = key(64, "evaluation batch size", gt=0)
 
 
 @dataclass
-class SharingConfig:
+class SharingConfig(Section):
     """What of the model is sent and how received models are combined."""
 
+    SECTION = "sharing"
     name: str = "full"
     aggregator: str = "mixing"
 
 
 @dataclass
-class CommunicationConfig:
+class CommunicationConfig(Section):
     """Transport and link settings. Rates are bytes per second, 0 = unlimited.
 
     `curve_keys` is a folder written by `dflsplit keys`; when set, the control plane is
     authenticated and encrypted with CURVE.
     """
 
-    name: Literal["tcp", "torrent"] = "torrent"
-    timeout: float = 120.0
-    hello_timeout: float = 60.0
-    upload_limit: int = 0
-    download_limit: int = 0
-    small_payload_bytes: int = 1 << 20
-    retention_rounds: int = 2
-    spool_dir: Optional[str] = None
-    dht: bool = False
-    lsd: bool = False
-    upnp: bool = False
-    natpmp: bool = False
-    trackers: list[str] = field(default_factory=list)
+    SECTION = "communication"
+    name: str = "torrent"
+    timeout: float = key(120.0, "seconds to wait for a peer's message", gt=0)
+    hello_timeout: float = key(60.0, "seconds to wait for the peers' HELLO at start", gt=0)
+    upload_limit: int = key(0, "upload cap in bytes/s (0: none)", ge=0)
+    download_limit: int = key(0, "download cap in bytes/s (0: none)", ge=0)
     curve_keys: Optional[str] = None
 
 
 @dataclass
-class NodeConfig:
+class NodeConfig(Section):
     """Node algorithm and evaluation schedule."""
 
+    SECTION = "node"
     name: str = "dpsgd"
-    test_after: int = 10
+    test_after: int = key(10, "evaluate every this many rounds (and after the last)", gt=0)
     eval_train: bool = False
+    save_model: bool = key(False, "write each node's final model to model_<uid>.safetensors in the run folder")
 
 
 @dataclass
 class GraphConfig:
-    """Topology: a generator (`type` + its parameters) or a decentralizepy file (`file`)."""
+    """Topology: a generator (`type` + its parameters) or a decentralizepy file (`file`).
+
+    `dynamic: true` draws a fresh random `degree`-regular graph every round from the run
+    seed and the round (every node derives the same graph without asking anyone);
+    `mixing` names the averaging weights (recomputed per round when the graph changes).
+    """
 
     type: str = "regular"
-    degree: int = 4
+    degree: int = key(4, "degree of a regular graph", ge=1)
     file: Optional[str] = None
-    p: float = 0.1
-    k: int = 4
+    p: float = key(0.1, "rewiring / edge probability", ge=0, le=1)
+    k: int = key(4, "ring neighbours in small_world", ge=2)
     seed: Optional[int] = None
+    dynamic: bool = False
+    mixing: str = "metropolis_hastings"
 
 
 @dataclass
@@ -161,12 +196,38 @@ class SplitConfig:
     stages_index: int = 0
     pairing: Optional[dict[str, str]] = None
     sync: Literal["fedavg", "gossip", "none"] = "fedavg"
-    sync_every: int = 1
+    sync_every: int = key(1, "steps (or epochs) between replica syncs", gt=0)
     sync_unit: Literal["steps", "epochs"] = "steps"
-    micro_batches: int = 1
+    micro_batches: int = key(1, "micro-batches per step", gt=0)
     checkpoint: bool = False
     mode: Literal["parallel", "relay"] = "parallel"
     save_model: bool = False
+
+
+#: section → (module, registry attribute) of the implementations chosen by its `name`
+IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
+    "dataset": ("dflsplit.datasets", "DATASETS"),
+    "model": ("dflsplit.models", "MODELS"),
+    "optimizer": ("dflsplit.training", "OPTIMIZERS"),
+    "training": ("dflsplit.training", "TRAININGS"),
+    "sharing": ("dflsplit.sharing", "SHARINGS"),
+    "communication": ("dflsplit.communication", "TRANSPORTS"),
+    "node": ("dflsplit.node", "NODES"),
+}
+
+
+def registry_of(section: str):
+    """The Registry whose names `section`'s `name` key chooses from (imported on first use)."""
+    import importlib
+
+    module, attr = IMPLEMENTATIONS[section]
+    return getattr(importlib.import_module(module), attr)
+
+
+def implementation_keys(section: str, name: str) -> Optional[type]:
+    """The keys dataclass of implementation `name` of `section` (None: it takes no keys)."""
+    registry = registry_of(section)
+    return registry.keys_of(name) if name in registry else None
 
 
 @dataclass
@@ -204,9 +265,8 @@ class Config:
         return path.resolve()
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("path")
-        return d
+        """Every section's keys (implementation keys included) as plain data."""
+        return {name: section_to_dict(getattr(self, name)) for name in SECTIONS}
 
 
 SECTIONS: dict[str, type] = {
@@ -287,34 +347,79 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     raise bad
 
 
-def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
-    hint = difflib.get_close_matches(key, valid, n=1)
+def _unknown_key(key: str, valid: list[str], where: str, implementation: tuple[str, list[str]] | None = None) -> ConfigError:
+    """The error for a key nobody takes; `implementation` = (its name, the keys it takes)."""
+    every = valid + (implementation[1] if implementation else [])
+    hint = difflib.get_close_matches(key, every, n=1)
     did = f" (did you mean {hint[0]!r}?)" if hint else ""
-    return ConfigError(f"{where}: unknown key {key!r}{did}; valid keys: {', '.join(valid)}")
+    if implementation is None:
+        return ConfigError(f"{where}: unknown key {key!r}{did}; valid keys: {', '.join(valid)}")
+    impl, own = implementation
+    takes = f"{impl} takes {', '.join(own)}" if own else f"{impl} takes no keys of its own"
+    return ConfigError(
+        f"{where}: key {key!r} is not taken by {impl}{did}; {takes}; the section's common keys: {', '.join(valid)}"
+    )
+
+
+def _check_field(f: dataclasses.Field, tp: Any, value: Any, where: str) -> Any:
+    value = _check(value, tp, where)
+    if out_of_bounds(f, value):
+        raise ConfigError(f"{where} must be {bounds_text(f)}, got {value!r}")
+    return value
 
 
 def _build_section(cls: type, data: Any, where: str) -> Any:
+    """A section from its mapping: common keys checked against `cls`; for a `Section`, the
+    registry name in `name` and the other keys against that implementation's keys."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise _unknown_key(str(key), list(fields), where)
-        kwargs[key] = _check(value, hints[key], f"{where}: key {key!r}")
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
-    return cls(**kwargs)
+    kwargs, extra = {}, {}
+    for key_, value in data.items():
+        if key_ in fields:
+            kwargs[key_] = _check_field(fields[key_], hints[key_], value, f"{where}: key {key_!r}")
+        else:
+            extra[str(key_)] = value
+    section = cls(**kwargs)
+    if not issubclass(cls, Section):
+        if extra:
+            raise _unknown_key(next(iter(extra)), list(fields), where)
+        return section
+    registry = registry_of(cls.SECTION)
+    if section.name not in registry:
+        try:
+            registry.get(section.name)
+        except KeyError as e:
+            raise ConfigError(f"{where}: key 'name': {e.args[0]}") from None
+    keys_cls = registry.keys_of(section.name)
+    own = {f.name: f for f in dataclasses.fields(keys_cls)} if keys_cls is not None else {}
+    for key_ in extra:
+        if key_ not in own:
+            raise _unknown_key(key_, list(fields), where, implementation=(f"{cls.SECTION} {section.name!r}", list(own)))
+    if keys_cls is not None:
+        own_hints = typing.get_type_hints(keys_cls)
+        section.set_options(keys_cls(**{
+            k: _check_field(own[k], own_hints[k], v, f"{where}: key {k!r} ({cls.SECTION} {section.name!r})")
+            for k, v in extra.items()
+        }))
+    return section
+
+
+def section_from_dict(section: str, **keys: Any) -> Any:
+    """One validated section built in code, e.g. ``section_from_dict("communication",
+    name="torrent", small_payload_bytes=0)``."""
+    return _build_section(SECTIONS[section], keys, f"<code>: section {section!r}")
+
+
+def section_to_dict(section: Any) -> dict[str, Any]:
+    """A section's keys as a plain mapping: its common keys, then its implementation's."""
+    out = {f.name: dataclasses.asdict(section)[f.name] for f in dataclasses.fields(section)}
+    if isinstance(section, Section) and section.options is not None:
+        out.update(dataclasses.asdict(section.options))
+    return out
 
 
 def config_from_dict(data: Any, source: str = "<config>") -> Config:
@@ -334,29 +439,34 @@ def config_from_dict(data: Any, source: str = "<config>") -> Config:
 
 
 def _validate(cfg: Config, source: str) -> None:
-    """Cross-key checks that a type alone cannot express."""
+    """Cross-key checks that a type or a bound alone cannot express."""
     t = cfg.training
     if (t.local_steps is None) == (t.local_epochs is None):
         raise ConfigError(
             f"{source}: section 'training': set exactly one of 'local_steps' and 'local_epochs' "
             f"(got local_steps={t.local_steps!r}, local_epochs={t.local_epochs!r})"
         )
-    positive = [
-        ("run", "rounds"), ("run", "machines"), ("run", "procs_per_machine"),
-        ("training", "batch_size"), ("node", "test_after"), ("split", "sync_every"),
-        ("split", "micro_batches"),
-    ]
-    for sec, key in positive:
-        v = getattr(getattr(cfg, sec), key)
-        if v <= 0:
-            raise ConfigError(f"{source}: section {sec!r}: key {key!r} must be > 0, got {v}")
     if not 0 <= cfg.run.machine_id < cfg.run.machines:
         raise ConfigError(
             f"{source}: section 'run': key 'machine_id' must be in 0..{cfg.run.machines - 1}, "
             f"got {cfg.run.machine_id}"
         )
-    if not 1024 <= cfg.run.base_port <= 65000:
-        raise ConfigError(f"{source}: section 'run': key 'base_port' must be in 1024..65000")
+    from .graphs import GRAPH_TYPES, MIXING_WEIGHTS
+    from .sharing import AGGREGATORS
+
+    for section, key_, registry in (
+        ("sharing", "aggregator", AGGREGATORS), ("graph", "mixing", MIXING_WEIGHTS), ("graph", "type", GRAPH_TYPES)
+    ):
+        try:
+            registry.get(getattr(getattr(cfg, section), key_))
+        except KeyError as e:
+            raise ConfigError(f"{source}: section {section!r}: key {key_!r}: {e.args[0]}") from None
+    node_cls = registry_of("node").get(cfg.node.name)
+    check = getattr(node_cls, "check_config", None)
+    if check is not None:
+        problem = check(cfg)
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

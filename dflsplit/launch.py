@@ -103,7 +103,8 @@ def node_main(cfg: Config, uid: int, run_dir: Path, mapping, graph, report: Call
     t0 = time.perf_counter()
     torch.set_num_threads(threads_per_process(cfg))
     device = pick_device(cfg.run.device)
-    data = load_node_data(cfg, uid)
+    node_cls = NODES.get(cfg.node.name)
+    data = load_node_data(cfg, uid, node_cls.data_shard(cfg, uid))
     log.info("loaded %d training and %d test samples in %.2f s", len(data.train_y), len(data.test_y), time.perf_counter() - t0)
     # Images in channels-last layout: oneDNN's convolutions are ~1.5x faster on CPU that way.
     layout = torch.channels_last if data.train_x.dim() == 4 else torch.contiguous_format
@@ -113,8 +114,10 @@ def node_main(cfg: Config, uid: int, run_dir: Path, mapping, graph, report: Call
         setattr(data, name, getattr(data, name).to(device))
     model = build_model(cfg.model, data.input_shape, data.num_classes, seed=cfg.run.seed)
     model = model.to(device=device, memory_format=layout)
-    training = TRAININGS.get(cfg.training.name)(cfg, model, data.train_x, data.train_y, seed=cfg.run.seed * 100003 + uid)
-    sharing = SHARINGS.get(cfg.sharing.name)(cfg)
+    training = None
+    if len(data.train_y):
+        training = TRAININGS.get(cfg.training.name)(cfg, model, data.train_x, data.train_y, seed=cfg.run.seed * 100003 + uid)
+    sharing = SHARINGS.get(cfg.sharing.name)(cfg, uid)
     transport = build_transport(uid, mapping, cfg.communication)
     results = ResultsWriter(run_dir, uid)
     transport.start()
@@ -125,7 +128,7 @@ def node_main(cfg: Config, uid: int, run_dir: Path, mapping, graph, report: Call
         run_dir=run_dir,
     )
     try:
-        NODES.get(cfg.node.name)(context).run()
+        node_cls(context).run()
     finally:
         transport.close()
         results.close()

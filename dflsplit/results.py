@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 ROUND_FIELDS = (
     "round", "train_loss", "test_loss", "test_acc", "bytes_sent", "bytes_received",
+    "payload_bytes_sent", "payload_bytes_received", "metadata_bytes_sent", "metadata_bytes_received",
     "round_seconds", "eval_seconds", "wall_time",
 )
 

@@ -55,7 +55,7 @@ def test_cross_key_checks(tmp_path):
 
 
 def test_overrides_and_bad_override(tmp_path):
-    cfg = load_config(None, ["run.rounds=3", "graph.type=ring", "dataset.image_shape=[1, 8, 8]"])
+    cfg = load_config(None, ["run.rounds=3", "graph.type=ring", "dataset.image_shape=[1, 8, 8]", "dataset.name=synthetic"])
     assert cfg.run.rounds == 3 and cfg.graph.type == "ring" and cfg.dataset.image_shape == [1, 8, 8]
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["rounds=3"])

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from dflsplit.config import ModelConfig
+from dflsplit.config import ModelConfig, section_from_dict
 from dflsplit.models import MODELS, build_model, cut_sequential
 
 
@@ -34,10 +34,10 @@ def test_resnet18_has_ten_partitions_and_runs_on_32x32():
 
 
 def test_mlp_partitions_as_configured_and_too_many_is_an_error():
-    model = build_model(ModelConfig(name="mlp", hidden=[32, 16, 8], partitions=3), (1, 8, 8), 10, seed=0)
+    model = build_model(section_from_dict("model", name="mlp", hidden=[32, 16, 8], partitions=3), (1, 8, 8), 10, seed=0)
     assert model.num_partitions == 3
     with pytest.raises(ValueError, match="model.partitions=9"):
-        build_model(ModelConfig(name="mlp", hidden=[8], partitions=9), (1, 8, 8), 10)
+        build_model(section_from_dict("model", name="mlp", hidden=[8], partitions=9), (1, 8, 8), 10)
 
 
 def test_seed_makes_weights_deterministic():

@@ -4,6 +4,7 @@ import torch
 from dflsplit.config import load_config
 from dflsplit.models import build_model
 from dflsplit.sharing import SHARINGS, weighted_average
+from dflsplit.sharing.base import shared_state
 from dflsplit.training import TRAININGS, BatchSampler, evaluate
 
 
@@ -53,11 +54,11 @@ def test_weighted_average_is_exact():
 
 def test_full_sharing_aggregate_replaces_floats_keeps_int_buffers():
     cfg = load_config(None)
-    share = SHARINGS.get("full")(cfg)
+    share = SHARINGS.get("full")(cfg, 0)
     m1 = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     m2 = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     m1[1].num_batches_tracked.fill_(7)
-    own, other = share.outgoing(m1), share.outgoing(m2)
+    own, other = shared_state(m1), shared_state(m2)
     assert "1.num_batches_tracked" not in own
     expected = {k: 0.5 * own[k] + 0.5 * other[k] for k in own}
     share.aggregate(m1, {k: v.clone() for k, v in own.items()}, {5: other}, {0: 0.5, 5: 0.5}, self_id=0)

@@ -89,11 +89,18 @@ class Mailbox:
             return len(self._messages)
 
 
-def check_payload(message: Message, expect: Mapping[str, tuple[Sequence[int], str]]) -> None:
-    """Raise PayloadMismatch (naming sender and key) unless the tensors match `expect`."""
+def _shape_fits(got: tuple[int, ...], want: Sequence) -> bool:
+    return len(got) == len(want) and all(w is None or g == w for g, w in zip(got, want))
+
+
+def check_payload(message: Message, expect: Mapping[str, tuple[Sequence, str]]) -> None:
+    """Raise PayloadMismatch (naming sender and key) unless the tensors match `expect`:
+    name → (shape, dtype name), where a ``None`` dimension may have any length."""
     got = describe(message.tensors)
     want = {k: (tuple(s), str(d).removeprefix("torch.")) for k, (s, d) in expect.items()}
-    if got == want:
+    if set(got) == set(want) and all(
+        got[k][1] == want[k][1] and _shape_fits(got[k][0], want[k][0]) for k in want
+    ):
         return
     problems = []
     for name in sorted(set(got) | set(want)):
@@ -101,7 +108,7 @@ def check_payload(message: Message, expect: Mapping[str, tuple[Sequence[int], st
             problems.append(f"missing tensor {name!r}")
         elif name not in want:
             problems.append(f"unexpected tensor {name!r}")
-        elif got[name] != want[name]:
+        elif got[name][1] != want[name][1] or not _shape_fits(got[name][0], want[name][0]):
             problems.append(f"{name!r} is {got[name]}, expected {want[name]}")
     shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
     raise PayloadMismatch(f"payload {message.key!r} from node {message.sender} rejected: {shown}")
@@ -169,6 +176,17 @@ class Transport(ABC):
     @property
     @abstractmethod
     def bytes_received(self) -> int: ...
+
+    @property
+    def payload_bytes_sent(self) -> int:
+        """Bytes of tensor data sent (the rest of `bytes_sent` is metadata: headers, framing,
+        torrent metadata and protocol)."""
+        return 0
+
+    @property
+    def payload_bytes_received(self) -> int:
+        """Bytes of tensor data received."""
+        return 0
 
     def __enter__(self):
         self.start()

@@ -74,6 +74,11 @@ def decode(data: bytes | memoryview) -> tuple[dict[str, Any], dict[str, torch.Te
     return header, decode_tensors(memoryview(data)[offset:])
 
 
+def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of tensor data in `tensors`."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def describe(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name → (shape, dtype name): what a receiver expects of a payload."""
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()}

@@ -21,7 +21,7 @@ import zmq
 
 from ..mappings.linear import MappingError
 from .base import CommError, Mailbox, Message, PeerTimeout, Transport, check_payload
-from .codec import CodecError, decode, decode_header, encode
+from .codec import CodecError, decode, decode_header, encode, tensor_bytes
 from .keys import CurveKeys
 from .ratelimit import TokenBucket
 
@@ -187,6 +187,13 @@ class ZmqTransport(Transport):
         self._peers: set[int] = set()
         self._state = threading.Condition()
         self._closed = False
+        self._payload = [0, 0]  # tensor bytes sent, received inline on the control plane
+        self._payload_lock = threading.Lock()
+
+    def count_payload(self, sent: int = 0, received: int = 0) -> None:
+        with self._payload_lock:
+            self._payload[0] += sent
+            self._payload[1] += received
 
     # lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -239,6 +246,7 @@ class ZmqTransport(Transport):
         body = encode({"key": key, "h": dict(header or {})}, tensors)
         for peer in to:
             self.control.send(peer, DATA, body)
+        self.count_payload(sent=tensor_bytes(tensors) * len(to))
 
     # receiving -------------------------------------------------------------------
     def _on_frame(self, sender: int, kind: bytes, body: memoryview) -> None:
@@ -248,6 +256,7 @@ class ZmqTransport(Transport):
             except CodecError as e:
                 log.warning("node %d: malformed DATA frame from node %d: %s", self.uid, sender, e)
                 return
+            self.count_payload(received=tensor_bytes(tensors))
             self.deliver(Message(sender, str(head.get("key")), head.get("h") or {}, tensors, len(body)))
         elif kind == HELLO:
             self.control.send(sender, ACK, encode({"uid": self.uid}))
@@ -307,3 +316,11 @@ class ZmqTransport(Transport):
     @property
     def bytes_received(self) -> int:
         return self.control.bytes_received if self.control else 0
+
+    @property
+    def payload_bytes_sent(self) -> int:
+        return self._payload[0]
+
+    @property
+    def payload_bytes_received(self) -> int:
+        return self._payload[1]

@@ -49,7 +49,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import libtorrent as lt
 import torch
@@ -57,8 +57,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from ..mappings.linear import MappingError
+from ..registry import key
 from .base import TRANSPORTS, CommError, Message
-from .codec import CodecError, decode, encode
+from .codec import CodecError, decode, encode, tensor_bytes
 from .control import DATA, ZmqTransport
 from .torrent_sockets import set_nodelay
 
@@ -262,11 +263,21 @@ class _Torrent:
     added: float = field(default_factory=time.monotonic)
 
 
-def _tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+@dataclass
+class TorrentKeys:
+    """Keys of transport `torrent`."""
+
+    small_payload_bytes: int = key(1 << 20, "payloads smaller than this travel inline on the control plane", ge=0)
+    retention_rounds: int = key(2, "rounds a received torrent keeps seeding", ge=0)
+    spool_dir: Optional[str] = key(None, "spool folder (default: /dev/shm when writable, else the temp dir)")
+    dht: bool = key(False, "libtorrent's DHT")
+    lsd: bool = key(False, "local service discovery")
+    upnp: bool = key(False, "UPnP port mapping")
+    natpmp: bool = key(False, "NAT-PMP port mapping")
+    trackers: list[str] = key(doc="tracker URLs added to every torrent", factory=list)
 
 
-@TRANSPORTS.register("torrent")
+@TRANSPORTS.register("torrent", keys=TorrentKeys)
 class TorrentTransport(ZmqTransport):
     """Headers and small payloads on ZeroMQ; tensor payloads swarmed over BitTorrent.
 
@@ -440,10 +451,11 @@ class TorrentTransport(ZmqTransport):
         to = [p for p in dict.fromkeys(to) if p != self.uid]
         if not to:
             return
-        if _tensor_bytes(tensors) < self.cfg.small_payload_bytes:
+        if tensor_bytes(tensors) < self.cfg.small_payload_bytes:
             body = encode({"key": key, "h": dict(header or {})}, tensors)
             for peer in to:
                 self.control.send(peer, DATA, body)
+            self.count_payload(sent=tensor_bytes(tensors) * len(to))
             return
         t, meta = self._seed(key, tensors)
         t.header, t.peers = dict(header or {}), to
@@ -823,6 +835,14 @@ class TorrentTransport(ZmqTransport):
             self.session.post_session_stats()
             self._stats_event.wait(1.0)
         return self._stats.get("net.sent_bytes", 0), self._stats.get("net.recv_bytes", 0)
+
+    @property
+    def payload_bytes_sent(self) -> int:
+        return super().payload_bytes_sent + self._stats.get("net.sent_payload_bytes", 0)
+
+    @property
+    def payload_bytes_received(self) -> int:
+        return super().payload_bytes_received + self._stats.get("net.recv_payload_bytes", 0)
 
     @property
     def bytes_sent(self) -> int:

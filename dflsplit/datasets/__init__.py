@@ -12,6 +12,9 @@ Datasets: `digits` (scikit-learn's bundled digits, the default, no download),
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from ..config import Config, ConfigError
 from . import cifar10, digits, femnist, mnist, synthetic  # noqa: F401  (registration)
 from .base import DATASETS, Dataset, DatasetFormatError, DatasetMissingError, NodeData
@@ -88,10 +91,13 @@ def preload_global_test_set(cfg: Config, memory_format=None) -> None:
     _GLOBAL_TEST[_global_test_key(cfg, indices)] = (x, y)
 
 
-def load_node_data(cfg: Config, uid: int) -> NodeData:
-    """Node `uid`'s training shard (its part of `cfg.dataset.partition` among
-    `cfg.num_nodes` nodes) and its test set (`cfg.dataset.test`: 'global' = the whole
-    test set, 'local' = its IID share; at most `max_test` samples either way).
+def load_node_data(cfg: Config, uid: int, shard: tuple[int, int] | None | str = "uid") -> NodeData:
+    """Node `uid`'s training shard and its test set (`cfg.dataset.test`: 'global' = the
+    whole test set, 'local' = its IID share; at most `max_test` samples either way).
+
+    The shard is part `index` of `cfg.dataset.partition` into `count` parts for
+    ``shard=(index, count)``; by default part `uid` of `cfg.num_nodes`; None: no
+    training data (a node that does not train, e.g. a federated server).
 
     Only that shard is read into memory; a whole test set of a file-backed dataset is a
     copy-on-write map of a cache file that all node processes share.
@@ -100,8 +106,15 @@ def load_node_data(cfg: Config, uid: int) -> NodeData:
     if not 0 <= uid < n:
         raise ValueError(f"node uid {uid} is out of range: the config has {n} nodes (uids 0..{n - 1})")
     ds = build_dataset(cfg)
-    train_idx = ds.partition_train(n)[uid]
-    train_x, train_y = ds.load_train(train_idx)
+    if shard == "uid":
+        shard = (uid, n)
+    if shard is None:
+        train_idx = np.zeros(0, dtype=np.int64)
+        empty_x, _ = ds.load_train(np.zeros(1, dtype=np.int64))
+        train_x, train_y = empty_x[:0], torch.zeros(0, dtype=torch.int64)
+    else:
+        train_idx = ds.partition_train(shard[1])[shard[0]]
+        train_x, train_y = ds.load_train(train_idx)
     test_idx = ds.test_indices(n, uid)
     shared = _GLOBAL_TEST.get(_global_test_key(cfg, test_idx)) if cfg.dataset.test == "global" else None
     test_x, test_y = shared if shared is not None else ds.load_test(test_idx)

@@ -14,12 +14,14 @@ Config keys: `image_shape` (e.g. [3, 32, 32], or [D] for vectors), `num_classes`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import DatasetConfig
+from ..registry import key
 from .base import DATASETS, Dataset, as_index_array
 
 SEPARATION = 6.0  # expected distance between two class means, in units of the noise std
@@ -43,7 +45,17 @@ def sample_keys(seed: int, stream: int, indices: np.ndarray) -> np.ndarray:
     return _splitmix64(np.asarray(indices, dtype=np.uint64) ^ base)
 
 
-@DATASETS.register("synthetic")
+@dataclass
+class SyntheticKeys:
+    """Keys of dataset `synthetic`."""
+
+    image_shape: list[int] = key(doc="shape of one sample, e.g. [3, 32, 32] or [D]", factory=lambda: [3, 32, 32])
+    num_classes: int = key(10, "number of classes", ge=2)
+    num_train: int = key(5000, "training samples", ge=1)
+    num_test: int = key(1000, "test samples", ge=1)
+
+
+@DATASETS.register("synthetic", keys=SyntheticKeys)
 class Synthetic(Dataset):
     name = "synthetic"
 

@@ -704,7 +704,7 @@ def mapping_from_config(cfg: Any, partitions: Optional[int] = None, strict_order
             f"{where}: the stage configuration has {len(rows)} rows but the run has "
             f"{cfg.num_nodes} nodes (run.machines x run.procs_per_machine); one row per node expected")
     if partitions is None:
-        partitions = cfg.model.partitions
+        partitions = getattr(cfg.model, "partitions", None)
     return StageMapping(rows, partitions, cfg.split.pairing, strict_order, source=where)
 
 

@@ -114,7 +114,7 @@ def run_stages(args: argparse.Namespace) -> int:
                 return _err(f"{source}: {len(rows)} rows but the run has {cfg.num_nodes} nodes "
                             "(run.machines x run.procs_per_machine); one row per node expected")
             if model is None and partitions is None:
-                partitions = cfg.model.partitions
+                partitions = getattr(cfg.model, "partitions", None)
                 if partitions is None and _has_partitions(cfg.model.name):
                     model = cfg.model.name
         else:

@@ -30,11 +30,12 @@ class ModelBuilder:
 MODELS: Registry[ModelBuilder] = Registry("model")
 
 
-def register_model(name: str, num_partitions: int | None):
-    """Decorator registering `fn(cfg, input_shape, num_classes) -> PartitionedModel` under `name`."""
+def register_model(name: str, num_partitions: int | None, keys: type | None = None):
+    """Decorator registering `fn(cfg, input_shape, num_classes) -> PartitionedModel` under `name`;
+    `keys` is the dataclass of the model's own config keys."""
 
     def deco(fn):
-        MODELS.register(name)(ModelBuilder(fn, num_partitions, fn.__doc__ or ""))
+        MODELS.register(name, keys=keys)(ModelBuilder(fn, num_partitions, fn.__doc__ or ""))
         return fn
 
     return deco

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
+from ..registry import key
 from .base import PartitionedModel, cut_sequential, flat_size, register_model
 
 
-@register_model("mlp", num_partitions=None)
+@dataclass
+class MLPKeys:
+    """Keys of model `mlp`."""
+
+    hidden: list[int] = key(doc="widths of the hidden layers", factory=lambda: [128])
+    partitions: int | None = key(None, "partitions for split learning (default 1)", ge=1)
+
+
+@register_model("mlp", num_partitions=None, keys=MLPKeys)
 def mlp(cfg, input_shape, num_classes):
     """Fully connected ReLU network with `cfg.hidden` widths; cut into `cfg.partitions` parts (default 1)."""
     width = 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -45,6 +46,18 @@ class Node:
         """The node ids this machine runs."""
         return mapping.local_uids(cfg.run.machine_id)
 
+    @classmethod
+    def data_shard(cls, cfg, uid: int) -> tuple[int, int] | None:
+        """(index, count): node `uid` trains on shard `index` of the training set cut into
+        `count`; None: it holds no training data (e.g. a federated server)."""
+        return uid, cfg.num_nodes
+
+    @classmethod
+    def check_config(cls, cfg) -> str | None:
+        """A cross-key problem of a config for this node type ('section ...: key ...: what'),
+        or None; run by the config loader."""
+        return None
+
     def peers(self) -> list[int]:
         """Nodes this one exchanges with (handshake targets)."""
         return self.ctx["graph"].neighbors(self.uid)
@@ -74,6 +87,26 @@ class Node:
             out.update(zip(("train_eval_loss", "train_acc"), train))
         return out
 
+    def traffic(self) -> dict[str, int]:
+        """Bytes so far, all (`bytes_*`) and split into tensor data (`payload_bytes_*`) and the
+        rest (`metadata_bytes_*`: headers, framing, torrent metadata and protocol)."""
+        t = self.transport
+        sent, received = t.bytes_sent, t.bytes_received
+        psent, preceived = t.payload_bytes_sent, t.payload_bytes_received
+        return dict(
+            bytes_sent=sent, bytes_received=received,
+            payload_bytes_sent=psent, payload_bytes_received=preceived,
+            metadata_bytes_sent=max(0, sent - psent), metadata_bytes_received=max(0, received - preceived),
+        )
+
+    def save_model(self) -> None:
+        """Write the final model to ``model_<uid>.safetensors`` in the run folder (`node.save_model`)."""
+        from safetensors.torch import save_file
+
+        self.prepare_eval()
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(Path(self.ctx.get("run_dir", ".")) / f"model_{self.uid}.safetensors"))
+
     def run(self) -> None:
         t0 = time.perf_counter()
         self.connect()
@@ -91,12 +124,10 @@ class Node:
                 metrics = self.test()
                 eval_seconds = time.perf_counter() - t1
             test_acc = metrics["test_acc"]
-            record.update(
-                **metrics, eval_seconds=eval_seconds,
-                bytes_sent=self.transport.bytes_sent, bytes_received=self.transport.bytes_received,
-                wall_time=time.time(),
-            )
+            record.update(**metrics, eval_seconds=eval_seconds, **self.traffic(), wall_time=time.time())
             self.results.append(record)
             self.report({"event": "round", "uid": self.uid, **record})
             if test_acc is not None:
-                self.log.info("round %d: train_loss %.4f test_acc %.4f", r, record.get("train_loss", float("nan")), test_acc)
+                self.log.info("round %d: train_loss %.4f test_acc %.4f", r, record.get("train_loss") or float("nan"), test_acc)
+        if self.cfg.node.save_model:
+            self.save_model()

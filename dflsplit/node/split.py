@@ -77,7 +77,7 @@ class SplitTimeout(SplitError, TimeoutError):
 def model_partitions(cfg) -> int:
     """P of the configured model: declared by the model, else ``model.partitions`` (default 1)."""
     declared = MODELS.get(cfg.model.name).num_partitions
-    return declared if declared is not None else (cfg.model.partitions or 1)
+    return declared if declared is not None else (getattr(cfg.model, "partitions", None) or 1)
 
 
 def stage_mapping(cfg):

@@ -28,6 +28,14 @@ def weighted_average(models: Sequence[TensorDict], weights: Sequence[float]) -> 
     return out
 
 
+@AGGREGATORS.register("none")
+def keep_own(models: Sequence[TensorDict], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """The first model (a node's own) unchanged: switches aggregation off, a baseline."""
+    if not models:
+        raise ValueError("need at least one model")
+    return {k: v.clone() for k, v in models[0].items()}
+
+
 @AGGREGATORS.register("mean")
 def mean(models: Sequence[TensorDict], weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """Unweighted average (weights ignored)."""

@@ -4,22 +4,52 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..registry import Registry
+from ..registry import Registry, key
 
 TRAININGS: Registry[type["Training"]] = Registry("training")
 
 
+#: name → ``f(cfg: OptimizerConfig, params) -> torch.optim.Optimizer``
+OPTIMIZERS: Registry = Registry("optimizer")
+
+
+@dataclass
+class SGDKeys:
+    """Keys of optimizer `sgd`."""
+
+    momentum: float = key(0.0, "momentum factor", ge=0, lt=1)
+    nesterov: bool = key(False, "Nesterov momentum (needs momentum > 0)")
+
+
+@dataclass
+class AdamKeys:
+    """Keys of optimizer `adam`."""
+
+    beta1: float = key(0.9, "first-moment decay", ge=0, lt=1)
+    beta2: float = key(0.999, "second-moment decay", ge=0, lt=1)
+    eps: float = key(1e-8, "term added to the denominator", gt=0)
+
+
+@OPTIMIZERS.register("sgd", keys=SGDKeys)
+def _sgd(cfg, params):
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
+
+
+@OPTIMIZERS.register("adam", keys=AdamKeys)
+def _adam(cfg, params):
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                            weight_decay=cfg.weight_decay)
+
+
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
-    """The optimizer named by `cfg.name` (an OptimizerConfig)."""
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer.name: unknown optimizer {cfg.name!r}; known: sgd, adam")
+    """The optimizer named by `cfg.name` (an OptimizerConfig), with its keys."""
+    return OPTIMIZERS.get(cfg.name)(cfg, params)
 
 
 class BatchSampler:

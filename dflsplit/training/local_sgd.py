@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import TRAININGS, BatchSampler, Training, build_optimizer
@@ -19,14 +20,24 @@ class LocalSGD(Training):
         self.steps = t.local_steps if t.local_steps is not None else self.sampler.steps_for_epochs(t.local_epochs)
         self.loss_fn = nn.CrossEntropyLoss()
 
+    def begin_round(self) -> None:
+        """Called at the start of every `train`, before the first step (a hook for subclasses)."""
+
+    def penalty(self) -> torch.Tensor | None:
+        """A term added to each step's objective (not to the reported loss); None: none."""
+        return None
+
     def train(self) -> float:
+        """Train for one round; return the mean of the steps' data losses."""
         self.model.train()
+        self.begin_round()
         total = 0.0
         for _ in range(self.steps):
             idx = self.sampler.next()
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.loss_fn(self.model(self.x[idx]), self.y[idx])
-            loss.backward()
+            extra = self.penalty()
+            (loss if extra is None else loss + extra).backward()
             self.optimizer.step()
             total += loss.item()
         return total / self.steps

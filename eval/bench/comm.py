@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from dflsplit.communication import build_transport  # noqa: E402
 from dflsplit.communication.control import ZmqTransport  # noqa: E402
-from dflsplit.config import CommunicationConfig, load_config  # noqa: E402
+from dflsplit.config import load_config, section_from_dict  # noqa: E402
 from dflsplit.mappings import LinearMapping, free_base_port  # noqa: E402
 
 MB = 1 << 20
@@ -56,7 +56,7 @@ def _node(uid, n, base, cfg_kw, size, receivers, reps, results):
 
     torch.set_num_threads(1)
     mapping = LinearMapping(1, n, {0: "127.0.0.1"}, base)
-    cfg = CommunicationConfig(**{"timeout": 120.0, "hello_timeout": 60.0, **cfg_kw})
+    cfg = section_from_dict("communication", **{"timeout": 120.0, "hello_timeout": 60.0, **cfg_kw})
     t = build_transport(uid, mapping, cfg)
     t.start()
     try:

@@ -1,0 +1,155 @@
+"""`federated`: a server and clients (FedAvg, McMahan et al. 2017, and the server optimizers
+of Reddi et al. 2021: FedAvgM, FedAdam, FedYogi, FedAdagrad).
+
+Each round the server samples clients (`fraction` or `clients_per_round` of them, drawn
+from the run seed and the round, so every client knows whether it is sampled without
+being told), publishes the global model once to all of them (over the torrent transport
+the sampled clients swarm on it), and waits for their models. It averages them weighted
+by each client's training-sample count (through Sharing's aggregator registry), and its
+server optimizer turns that average into the next global model. A client that is not
+sampled idles the round. Clients train with the configured Training (``fedprox`` adds
+its proximal term). The server holds no training data and evaluates the global model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..graphs import Graph
+from ..registry import key
+from ..sharing.base import mixing_seed, shared_state
+from ..sharing.server_optimizers import SERVER_OPTIMIZERS, build_server_optimizer
+from .base import NODES, Node
+
+
+@dataclass
+class FederatedKeys:
+    """Keys of node `federated`."""
+
+    server: int = key(0, "uid of the server node (it may be alone on a machine)", ge=0)
+    fraction: Optional[float] = key(None, "share of the clients sampled each round (default: all)", gt=0, le=1)
+    clients_per_round: Optional[int] = key(None, "clients sampled each round (instead of fraction)", ge=1)
+    server_optimizer: str = key("fedavg", "fedavg, fedavgm, fedadam, fedyogi or fedadagrad")
+    server_lr: Optional[float] = key(None, "server learning rate η (default: fedavg 1, fedavgm 1 − momentum, fedadagrad 0.1, fedadam and fedyogi 0.01)", gt=0)
+    server_momentum: float = key(0.9, "fedavgm's server momentum β", ge=0, lt=1)
+    beta1: float = key(0.9, "first-moment decay of the adaptive optimizers", ge=0, lt=1)
+    beta2: float = key(0.99, "second-moment decay of fedadam and fedyogi", ge=0, lt=1)
+    tau: float = key(1e-3, "adaptivity τ of the adaptive optimizers", gt=0)
+
+
+def clients_of(cfg) -> list[int]:
+    return [u for u in range(cfg.num_nodes) if u != cfg.node.server]
+
+
+def sampled_clients(cfg, round_: int) -> list[int]:
+    """The clients of `round_`, sorted (the same on every node)."""
+    clients = clients_of(cfg)
+    k = len(clients)
+    if cfg.node.clients_per_round is not None:
+        k = cfg.node.clients_per_round
+    elif cfg.node.fraction is not None:
+        k = max(1, math.ceil(cfg.node.fraction * len(clients)))
+    return sorted(random.Random(mixing_seed(cfg.run.seed, round_, 0xFED)).sample(clients, k))
+
+
+def sample_weights(samples: dict[int, int]) -> dict[int, float]:
+    """Aggregation weights proportional to each client's training-sample count."""
+    total = sum(samples.values())
+    return {c: n / total for c, n in samples.items()}
+
+
+def federated_average(models: dict[int, dict[str, torch.Tensor]], samples: dict[int, int], aggregate_fn):
+    """The clients' models combined by `aggregate_fn` (an AGGREGATORS entry) with weights
+    proportional to their sample counts, clients in sorted order."""
+    weights = sample_weights(samples)
+    clients = sorted(models)
+    return aggregate_fn([models[c] for c in clients], [weights[c] for c in clients])
+
+
+@NODES.register("federated", keys=FederatedKeys)
+class FederatedNode(Node):
+    """The server or a client of a federated run, by uid (`node.server`)."""
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.training = self.ctx.get("training")
+        self.sharing = self.ctx["sharing"]
+        self.is_server = self.uid == self.cfg.node.server
+        if self.is_server:
+            k = self.cfg.node
+            self.optimizer = build_server_optimizer(
+                k.server_optimizer, lr=k.server_lr, momentum=k.server_momentum, beta1=k.beta1, beta2=k.beta2, tau=k.tau)
+
+    @classmethod
+    def check_config(cls, cfg):
+        k, n = cfg.node, cfg.num_nodes
+        if n < 2:
+            return f"section 'node': federated learning needs a server and at least one client, the run has {n} node(s)"
+        if k.server >= n:
+            return f"section 'node': key 'server': uid {k.server} is not a node of the run (uids 0..{n - 1})"
+        if k.fraction is not None and k.clients_per_round is not None:
+            return "section 'node': set at most one of keys 'fraction' and 'clients_per_round'"
+        if k.clients_per_round is not None and k.clients_per_round > n - 1:
+            return f"section 'node': key 'clients_per_round': {k.clients_per_round} is more than the {n - 1} clients"
+        if k.server_optimizer not in SERVER_OPTIMIZERS:
+            try:
+                SERVER_OPTIMIZERS.get(k.server_optimizer)
+            except KeyError as e:
+                return f"section 'node': key 'server_optimizer': {e.args[0]}"
+        if cfg.sharing.name != "full":
+            return (f"section 'sharing': key 'name': federated clients send whole models; "
+                    f"sharing {cfg.sharing.name!r} is for gossip nodes (use 'full')")
+        return None
+
+    @classmethod
+    def topology(cls, cfg):
+        """A star: the server and each client."""
+        return Graph(cfg.num_nodes, [(cfg.node.server, c) for c in clients_of(cfg)])
+
+    @classmethod
+    def data_shard(cls, cfg, uid):
+        if uid == cfg.node.server:
+            return None
+        return clients_of(cfg).index(uid), cfg.num_nodes - 1
+
+    def should_test(self, round_: int) -> bool:
+        return self.is_server and super().should_test(round_)
+
+    def run_round(self, round_: int) -> dict:
+        clients = sampled_clients(self.cfg, round_)
+        return self.serve(round_, clients) if self.is_server else self.participate(round_, clients)
+
+    def serve(self, round_: int, clients: list[int]) -> dict:
+        own = shared_state(self.model)
+        global_ = {k: v.clone() for k, v in own.items()}
+        self.transport.publish(f"global/{round_}", self.sharing.encode(self.model, round_).tensors, to=clients)
+        models, samples = {}, {}
+        for c in clients:
+            m = self.transport.receive(f"update/{round_}", c, expect=self.sharing.expect(c, round_, own))
+            n = m.header.get("samples")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"node {self.uid}: client {c} sent samples={n!r} in round {round_}, expected an int >= 1")
+            models[c] = self.sharing.decode(c, round_, m.tensors, m.header, own)
+            samples[c] = n
+        average = federated_average(models, samples, self.sharing.aggregate_fn)
+        self.model.load_state_dict(self.optimizer.step(global_, average), strict=False)
+        return {"train_loss": None, "clients": clients, "samples": [samples[c] for c in clients]}
+
+    def participate(self, round_: int, clients: list[int]) -> dict:
+        if self.uid not in clients:
+            return {"train_loss": None, "sampled": False}
+        own = shared_state(self.model)
+        server = self.cfg.node.server
+        m = self.transport.receive(f"global/{round_}", server, expect=self.sharing.expect(server, round_, own))
+        with torch.no_grad():
+            self.model.load_state_dict(self.sharing.decode(server, round_, m.tensors, m.header, own), strict=False)
+        loss = self.training.train()
+        update = self.sharing.encode(self.model, round_)
+        self.transport.publish(f"update/{round_}", update.tensors, to=[server],
+                               header={**update.header, "samples": int(len(self.data.train_y))})
+        return {"train_loss": loss, "sampled": True}
