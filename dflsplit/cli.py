@@ -43,7 +43,8 @@ def _cmd_run(args) -> int:
 
 def _add_check(sub) -> None:
     p = sub.add_parser("check-config", help="validate a config and print it with every default filled in",
-                       description="Validate CONFIG (every key is checked) and print the full configuration.")
+                       description="Validate CONFIG (every key against the implementation that takes it, and "
+                       "the topology it asks for) and print the full configuration.")
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=_cmd_check)
@@ -54,7 +55,10 @@ def _cmd_check(args) -> int:
 
     from .config import load_config
 
+    from .node import NODES
+
     cfg = load_config(args.config, args.overrides)
+    NODES.get(cfg.node.name).topology(cfg)  # a graph the run cannot have is a config error too
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
 

@@ -365,6 +365,8 @@ def _check_field(f: dataclasses.Field, tp: Any, value: Any, where: str) -> Any:
     value = _check(value, tp, where)
     if out_of_bounds(f, value):
         raise ConfigError(f"{where} must be {bounds_text(f)}, got {value!r}")
+    if isinstance(value, list) and any(out_of_bounds(f, v) for v in value):  # bounds of a list key hold per item
+        raise ConfigError(f"{where}: every item must be {bounds_text(f)}, got {value!r}")
     return value
 
 
@@ -445,6 +447,12 @@ def _validate(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: section 'training': set exactly one of 'local_steps' and 'local_epochs' "
             f"(got local_steps={t.local_steps!r}, local_epochs={t.local_epochs!r})"
+        )
+    o = cfg.optimizer
+    if o.name == "sgd" and o.nesterov and o.momentum == 0:  # torch.optim.SGD would refuse it on every node
+        raise ConfigError(
+            f"{source}: section 'optimizer': key 'nesterov' (optimizer 'sgd'): Nesterov momentum needs "
+            f"momentum > 0, got momentum={o.momentum!r}"
         )
     if not 0 <= cfg.run.machine_id < cfg.run.machines:
         raise ConfigError(

@@ -17,6 +17,8 @@ from dflsplit.node.federated import FederatedNode, federated_average, sampled_cl
 from dflsplit.results import read_run
 from dflsplit.sharing import weighted_average
 
+from conftest import next_base_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -154,3 +156,40 @@ def test_averaging_through_the_node_shrinks_consensus_distance(tmp_path, base_po
     records = read_run(tmp_path / "avg")
     for r in range(12):  # every model sent was received
         assert sum(rs[r]["peers_out"] for rs in records.values()) == sum(rs[r]["peers_in"] for rs in records.values()) > 0
+
+
+# compressed sharing ---------------------------------------------------------------------
+def _sharing_run(tmp_path, name, rounds, *extra):
+    cfg = config("eval/configs/default.yaml", next_base_port(8), "run.procs_per_machine=8", f"run.rounds={rounds}",
+                 "node.test_after=10", "communication.name=tcp", f"sharing.name={name}", *extra)
+    summary = run_experiment(cfg, tmp_path / f"{name}-{rounds}")
+    run = read_run(tmp_path / f"{name}-{rounds}")
+    per_round = sum(rs[-1]["bytes_sent"] for rs in run.values()) / rounds  # counted by the transport
+    assert all(rs[-1]["payload_bytes_sent"] + rs[-1]["metadata_bytes_sent"] == rs[-1]["bytes_sent"] for rs in run.values())
+    return summary["test_acc_mean"], per_round
+
+
+@pytest.mark.slow
+def test_topk_and_quantize_cut_bytes_and_keep_accuracy(tmp_path):
+    full_acc, full_bytes = _sharing_run(tmp_path, "full", 20)
+    topk_acc, topk_bytes = _sharing_run(tmp_path, "topk", 40, "sharing.alpha=0.1")
+    quant_acc, quant_bytes = _sharing_run(tmp_path, "quantize", 20, "sharing.levels=16")
+    print(f"full {full_acc:.4f} {full_bytes:.0f} B/round; topk {topk_acc:.4f} {topk_bytes:.0f}; "
+          f"quantize {quant_acc:.4f} {quant_bytes:.0f}")
+    assert topk_bytes <= 0.15 * full_bytes and topk_acc >= full_acc - 0.03
+    assert quant_bytes <= 0.30 * full_bytes and quant_acc >= full_acc - 0.02
+    assert full_acc >= 0.85
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharing", [["sharing.name=topk", "sharing.alpha=0.2"], ["sharing.name=subsample"],
+                                     ["sharing.name=quantize", "sharing.levels=4"]])
+def test_compressed_payloads_as_torrents_give_the_models_of_tcp(tmp_path, sharing):
+    """Oracle: the same seed over tcp and with every payload forced through a torrent."""
+    accs = {}
+    for name in ("tcp", "torrent"):
+        cfg = config("eval/configs/default.yaml", next_base_port(4), "run.procs_per_machine=4", "run.rounds=4",
+                     "graph.degree=2", "node.test_after=4", f"communication.name={name}", *sharing,
+                     *(["communication.small_payload_bytes=0"] if name == "torrent" else []))
+        accs[name] = run_experiment(cfg, tmp_path / name)["final_test_acc"]
+    assert accs["tcp"] == accs["torrent"]

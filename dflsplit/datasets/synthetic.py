@@ -49,7 +49,7 @@ def sample_keys(seed: int, stream: int, indices: np.ndarray) -> np.ndarray:
 class SyntheticKeys:
     """Keys of dataset `synthetic`."""
 
-    image_shape: list[int] = key(doc="shape of one sample, e.g. [3, 32, 32] or [D]", factory=lambda: [3, 32, 32])
+    image_shape: list[int] = key(doc="shape of one sample, e.g. [3, 32, 32] or [D]", factory=lambda: [3, 32, 32], ge=1)
     num_classes: int = key(10, "number of classes", ge=2)
     num_train: int = key(5000, "training samples", ge=1)
     num_test: int = key(1000, "test samples", ge=1)

@@ -14,7 +14,7 @@ from .base import PartitionedModel, cut_sequential, flat_size, register_model
 class MLPKeys:
     """Keys of model `mlp`."""
 
-    hidden: list[int] = key(doc="widths of the hidden layers", factory=lambda: [128])
+    hidden: list[int] = key(doc="widths of the hidden layers", factory=lambda: [128], ge=1)
     partitions: int | None = key(None, "partitions for split learning (default 1)", ge=1)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -89,7 +90,8 @@ class FederatedNode(Node):
     def check_config(cls, cfg):
         k, n = cfg.node, cfg.num_nodes
         if n < 2:
-            return f"section 'node': federated learning needs a server and at least one client, the run has {n} node(s)"
+            return (f"section 'run': key 'procs_per_machine': federated learning needs a server and at least one "
+                    f"client, the run has {n} node(s) (machines × procs_per_machine)")
         if k.server >= n:
             return f"section 'node': key 'server': uid {k.server} is not a node of the run (uids 0..{n - 1})"
         if k.fraction is not None and k.clients_per_round is not None:
@@ -127,7 +129,9 @@ class FederatedNode(Node):
     def serve(self, round_: int, clients: list[int]) -> dict:
         own = shared_state(self.model)
         global_ = {k: v.clone() for k, v in own.items()}
-        self.transport.publish(f"global/{round_}", self.sharing.encode(self.model, round_).tensors, to=clients)
+        payload = self.sharing.encode(self.model, round_)
+        published = time.time()
+        self.transport.publish(f"global/{round_}", payload.tensors, to=clients, header={"published": published})
         models, samples = {}, {}
         for c in clients:
             m = self.transport.receive(f"update/{round_}", c, expect=self.sharing.expect(c, round_, own))
@@ -146,10 +150,12 @@ class FederatedNode(Node):
         own = shared_state(self.model)
         server = self.cfg.node.server
         m = self.transport.receive(f"global/{round_}", server, expect=self.sharing.expect(server, round_, own))
+        published = m.header.get("published")
+        broadcast = time.time() - published if isinstance(published, (int, float)) else None
         with torch.no_grad():
             self.model.load_state_dict(self.sharing.decode(server, round_, m.tensors, m.header, own), strict=False)
         loss = self.training.train()
         update = self.sharing.encode(self.model, round_)
         self.transport.publish(f"update/{round_}", update.tensors, to=[server],
                                header={**update.header, "samples": int(len(self.data.train_y))})
-        return {"train_loss": loss, "sampled": True}
+        return {"train_loss": loss, "sampled": True, "broadcast_seconds": broadcast}
