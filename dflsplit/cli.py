@@ -17,6 +17,8 @@ def _add_run(sub) -> None:
     p.add_argument("config", help="YAML config (see eval/configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key (YAML value), e.g. --set run.rounds=5; repeatable")
+    p.add_argument("--unset", action="append", default=[], metavar="SECTION.KEY",
+                   help="remove a key of the file, e.g. one only the implementation you replace takes; repeatable")
     p.add_argument("--machine-id", type=int, help="this machine's id (overrides run.machine_id)")
     p.add_argument("--out", help="results folder (default: <run.out_dir>/<run.name>-<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -30,7 +32,7 @@ def _cmd_run(args) -> int:
     overrides = list(args.overrides)
     if args.machine_id is not None:
         overrides.append(f"run.machine_id={args.machine_id}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, unset=args.unset)
     summary = run_experiment(cfg, args.out, progress=False if args.no_progress else None)
     n = summary["nodes"]
     print(
@@ -47,6 +49,7 @@ def _add_check(sub) -> None:
                        "the topology it asks for) and print the full configuration.")
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--unset", action="append", default=[], metavar="SECTION.KEY", help="remove a key of the file")
     p.set_defaults(func=_cmd_check)
 
 
@@ -57,7 +60,7 @@ def _cmd_check(args) -> int:
 
     from .node import NODES
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, unset=args.unset)
     NODES.get(cfg.node.name).topology(cfg)  # a graph the run cannot have is a config error too
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0

@@ -133,7 +133,38 @@ class SharingConfig(Section):
 
     SECTION = "sharing"
     name: str = "full"
-    aggregator: str = "mixing"
+    aggregator: typing.Union[str, list[str]] = key(
+        "mixing", "an aggregator, or a list of pre-aggregators ending in one, e.g. [nnm, trimmed_mean]")
+
+    @property
+    def aggregation_keys(self) -> dict[str, Any]:
+        """The keys of the aggregation chain's rules (e.g. f, m), with their defaults."""
+        keys = self.__dict__.get("_aggregation_keys")
+        if keys is None or self.__dict__.get("_aggregation_for") != self.aggregator:
+            keys = {name: f.default for name, (f, _, _) in aggregation_fields(self.aggregator).items()
+                    if f.default is not dataclasses.MISSING}
+            self.set_aggregation_keys(keys)
+        return keys
+
+    def set_aggregation_keys(self, keys: dict[str, Any]) -> None:
+        self.__dict__["_aggregation_keys"], self.__dict__["_aggregation_for"] = keys, self.aggregator
+
+
+def aggregation_fields(chain: Any) -> dict[str, tuple[dataclasses.Field, Any, str]]:
+    """key → (field, type, rule) over the rules of an aggregation chain (the first rule that
+    declares a key defines it). Raises KeyError for an unknown rule."""
+    from .sharing.aggregators import AGGREGATORS, PRE_AGGREGATORS, split_chain
+
+    pre, last = split_chain(chain)
+    out: dict[str, tuple[dataclasses.Field, Any, str]] = {}
+    for registry, name in [*((PRE_AGGREGATORS, p) for p in pre), (AGGREGATORS, last)]:
+        cls = registry.keys_of(name)
+        if cls is None:
+            continue
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out.setdefault(f.name, (f, hints[f.name], f"{registry.kind} {name!r}"))
+    return out
 
 
 @dataclass
@@ -204,6 +235,20 @@ class SplitConfig:
     save_model: bool = False
 
 
+@dataclass
+class AttackConfig(Section):
+    """Byzantine nodes and what they do. The nodes in `nodes` run as real peers and apply the
+    attack `name` (with its keys) to what they send, or to their own data (`label_flip`).
+    An attack sees only what its node legitimately receives (its neighbours' messages),
+    unless `omniscient`, where every honest node also sends its model to the Byzantine
+    nodes, so they see every honest vector of the round (gossip nodes only)."""
+
+    SECTION = "attack"
+    name: str = "none"
+    nodes: list[int] = key(doc="uids of the Byzantine nodes", factory=list, ge=0)
+    omniscient: bool = False
+
+
 #: section → (module, registry attribute) of the implementations chosen by its `name`
 IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "dataset": ("dflsplit.datasets", "DATASETS"),
@@ -213,6 +258,7 @@ IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "sharing": ("dflsplit.sharing", "SHARINGS"),
     "communication": ("dflsplit.communication", "TRANSPORTS"),
     "node": ("dflsplit.node", "NODES"),
+    "attack": ("dflsplit.sharing.attacks", "ATTACKS"),
 }
 
 
@@ -244,7 +290,13 @@ class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     path: Optional[str] = None
+
+    @property
+    def byzantine(self) -> set[int]:
+        """The uids of the Byzantine nodes (empty without an attack)."""
+        return set(self.attack.nodes) if self.attack.name != "none" else set()
 
     @property
     def num_nodes(self) -> int:
@@ -347,17 +399,20 @@ def _check(value: Any, tp: Any, where: str) -> Any:
     raise bad
 
 
-def _unknown_key(key: str, valid: list[str], where: str, implementation: tuple[str, list[str]] | None = None) -> ConfigError:
-    """The error for a key nobody takes; `implementation` = (its name, the keys it takes)."""
-    every = valid + (implementation[1] if implementation else [])
+def _unknown_key(key: str, valid: list[str], where: str,
+                 implementations: list[tuple[str, list[str]]] | None = None) -> ConfigError:
+    """The error for a key nobody takes; `implementations`: (name, the keys it takes) of each
+    implementation or rule that could have taken it."""
+    every = valid + [k for _, keys in implementations or [] for k in keys]
     hint = difflib.get_close_matches(key, every, n=1)
     did = f" (did you mean {hint[0]!r}?)" if hint else ""
-    if implementation is None:
+    if not implementations:
         return ConfigError(f"{where}: unknown key {key!r}{did}; valid keys: {', '.join(valid)}")
-    impl, own = implementation
-    takes = f"{impl} takes {', '.join(own)}" if own else f"{impl} takes no keys of its own"
+    names = " nor ".join(impl for impl, _ in implementations)
+    takes = "; ".join(f"{impl} takes {', '.join(own)}" if own else f"{impl} takes no keys of its own"
+                      for impl, own in implementations)
     return ConfigError(
-        f"{where}: key {key!r} is not taken by {impl}{did}; {takes}; the section's common keys: {', '.join(valid)}"
+        f"{where}: key {key!r} is not taken by {names}{did}; {takes}; the section's common keys: {', '.join(valid)}"
     )
 
 
@@ -398,15 +453,35 @@ def _build_section(cls: type, data: Any, where: str) -> Any:
             raise ConfigError(f"{where}: key 'name': {e.args[0]}") from None
     keys_cls = registry.keys_of(section.name)
     own = {f.name: f for f in dataclasses.fields(keys_cls)} if keys_cls is not None else {}
+    chain: dict[str, tuple[dataclasses.Field, Any, str]] = {}
+    if isinstance(section, SharingConfig):
+        try:
+            chain = aggregation_fields(section.aggregator)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"{where}: key 'aggregator': {e.args[0]}") from None
+    label = f"{cls.SECTION} {section.name!r}"
     for key_ in extra:
-        if key_ not in own:
-            raise _unknown_key(key_, list(fields), where, implementation=(f"{cls.SECTION} {section.name!r}", list(own)))
+        if key_ not in own and key_ not in chain:
+            candidates = [(label, list(own))]
+            if isinstance(section, SharingConfig):
+                by_rule: dict[str, list[str]] = {}
+                for k, (_, _, rule) in chain.items():
+                    by_rule.setdefault(rule, []).append(k)
+                candidates += list(by_rule.items()) or [(f"aggregator {section.aggregator!r}", [])]
+            raise _unknown_key(key_, list(fields), where, candidates)
     if keys_cls is not None:
         own_hints = typing.get_type_hints(keys_cls)
         section.set_options(keys_cls(**{
-            k: _check_field(own[k], own_hints[k], v, f"{where}: key {k!r} ({cls.SECTION} {section.name!r})")
-            for k, v in extra.items()
+            k: _check_field(own[k], own_hints[k], v, f"{where}: key {k!r} ({label})")
+            for k, v in extra.items() if k in own
         }))
+    if isinstance(section, SharingConfig):
+        keys = dict(section.aggregation_keys)
+        for k, v in extra.items():
+            if k in chain and k not in own:
+                f, tp, rule = chain[k]
+                keys[k] = _check_field(f, tp, v, f"{where}: key {k!r} ({rule})")
+        section.set_aggregation_keys(keys)
     return section
 
 
@@ -421,6 +496,8 @@ def section_to_dict(section: Any) -> dict[str, Any]:
     out = {f.name: dataclasses.asdict(section)[f.name] for f in dataclasses.fields(section)}
     if isinstance(section, Section) and section.options is not None:
         out.update(dataclasses.asdict(section.options))
+    if isinstance(section, SharingConfig):
+        out.update(section.aggregation_keys)
     return out
 
 
@@ -460,15 +537,22 @@ def _validate(cfg: Config, source: str) -> None:
             f"got {cfg.run.machine_id}"
         )
     from .graphs import GRAPH_TYPES, MIXING_WEIGHTS
-    from .sharing import AGGREGATORS
 
-    for section, key_, registry in (
-        ("sharing", "aggregator", AGGREGATORS), ("graph", "mixing", MIXING_WEIGHTS), ("graph", "type", GRAPH_TYPES)
-    ):
+    for section, key_, registry in (("graph", "mixing", MIXING_WEIGHTS), ("graph", "type", GRAPH_TYPES)):
         try:
             registry.get(getattr(getattr(cfg, section), key_))
         except KeyError as e:
             raise ConfigError(f"{source}: section {section!r}: key {key_!r}: {e.args[0]}") from None
+    a = cfg.attack
+    bad = [u for u in a.nodes if u >= cfg.num_nodes]
+    if bad:
+        raise ConfigError(f"{source}: section 'attack': key 'nodes': uid {bad[0]} is not a node of the run "
+                          f"(uids 0..{cfg.num_nodes - 1})")
+    if len(set(a.nodes)) != len(a.nodes):
+        raise ConfigError(f"{source}: section 'attack': key 'nodes': a uid is listed twice: {a.nodes}")
+    if a.name != "none" and not a.nodes:
+        raise ConfigError(f"{source}: section 'attack': key 'nodes': attack {a.name!r} needs the uids of the "
+                          f"Byzantine nodes")
     node_cls = registry_of("node").get(cfg.node.name)
     check = getattr(node_cls, "check_config", None)
     if check is not None:
@@ -486,8 +570,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section.strip(), key.strip(), yaml.safe_load(rhs)
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read and validate a YAML config; `overrides` are `section.key=value` strings applied first.
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
+                unset: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read and validate a YAML config; `unset` are `section.key` names removed from the
+    file (e.g. a key only the implementation being replaced takes), then `overrides`,
+    `section.key=value` strings, are applied.
 
     `path=None` gives the defaults (with overrides applied).
     """
@@ -503,6 +590,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             raise ConfigError(f"{source}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    for text in unset:
+        section, _, key_ = text.partition(".")
+        body = data.get(section)
+        if not key_ or not isinstance(body, dict) or key_ not in body:
+            raise ConfigError(f"{source}: cannot unset {text!r}: the file has no key {key_ or text!r} in section {section!r}")
+        del body[key_]
     for text in overrides:
         section, key, value = parse_override(text)
         body = data.setdefault(section, {})

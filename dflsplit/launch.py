@@ -268,7 +268,8 @@ def run_experiment(
         )
 
     results = {u: r for u, r in read_run(run_dir).items() if u in procs}
-    accs = final_accuracies(results)
+    byzantine = cfg.byzantine
+    accs = {u: a for u, a in final_accuracies(results).items() if u not in byzantine}  # honest nodes only
     acc_mean, acc_std = mean_std(accs.values())
     plain = [r["round_seconds"] for rs in results.values() for r in rs if r.get("test_acc") is None]
     with_eval = [r["round_seconds"] + r["eval_seconds"] for rs in results.values() for r in rs if r.get("test_acc") is not None]
@@ -287,6 +288,8 @@ def run_experiment(
         "test_acc_mean": acc_mean,
         "test_acc_std": acc_std,
         "final_test_acc": {str(u): a for u, a in sorted(accs.items())},
+        "byzantine": sorted(byzantine),
+        "accuracy_over": "honest nodes" if byzantine else "all nodes",
         "bytes_sent": sum(rs[-1]["bytes_sent"] for rs in results.values() if rs),
         "bytes_received": sum(rs[-1]["bytes_received"] for rs in results.values() if rs),
     }

@@ -13,11 +13,20 @@ from .results import mean_std, read_run
 METRICS = ("train_loss", "test_loss", "test_acc", "train_acc")  # train_acc: with node.eval_train
 
 
-def aggregate_rounds(run_dir: str | Path) -> list[dict]:
-    """One row per round: mean/std over nodes of each metric and of bytes sent+received per node."""
+def honest_run(run_dir: str | Path) -> tuple[dict[int, list[dict]], list[int]]:
+    """The records of the honest nodes of a run, and the uids of the Byzantine ones (whose
+    records say ``"byzantine": true``)."""
     run = read_run(run_dir)
+    byzantine = sorted(u for u, rs in run.items() if any(r.get("byzantine") for r in rs))
+    return {u: rs for u, rs in run.items() if u not in byzantine}, byzantine
+
+
+def aggregate_rounds(run_dir: str | Path) -> list[dict]:
+    """One row per round: mean/std over the honest nodes of each metric and of bytes
+    sent+received per node (Byzantine nodes are left out)."""
+    run, _ = honest_run(run_dir)
     if not run:
-        raise FileNotFoundError(f"{run_dir}: no node_*.jsonl result files")
+        raise FileNotFoundError(f"{run_dir}: no node_*.jsonl result files of honest nodes")
     by_round: dict[int, list[dict]] = {}
     for records in run.values():
         for r in records:
@@ -56,6 +65,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     out = Path(out_dir or run_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate_rounds(run_dir)
+    _, byzantine = honest_run(run_dir)
     written = [write_csv(rows, out / "metrics.csv")]
     plots = (("test_acc", "test accuracy"), ("test_loss", "test loss"), ("train_loss", "train loss"),
              ("train_acc", "accuracy on own training shard"))
@@ -73,7 +83,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"{label} (mean ± std over nodes)")
             ax.grid(alpha=0.3)
-        fig.suptitle(f"{Path(run_dir).name}: {label}")
+        note = f" (honest nodes; Byzantine {', '.join(map(str, byzantine))} left out)" if byzantine else ""
+        fig.suptitle(f"{Path(run_dir).name}: {label}{note}")
         fig.tight_layout()
         path = out / f"{metric}.png"
         fig.savefig(path, dpi=100)

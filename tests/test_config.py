@@ -83,3 +83,12 @@ def test_example_configs_load():
     assert configs
     for p in configs:
         load_config(p)
+
+
+def test_unset_removes_a_key_of_the_file(tmp_path):
+    p = write(tmp_path, "sharing:\n  name: topk\n  alpha: 0.2\n")
+    with pytest.raises(ConfigError, match="key 'alpha' is not taken by sharing 'full'"):
+        load_config(p, ["sharing.name=full"])
+    assert load_config(p, ["sharing.name=full"], unset=["sharing.alpha"]).sharing.name == "full"
+    with pytest.raises(ConfigError, match="cannot unset 'sharing.levels'"):
+        load_config(p, unset=["sharing.levels"])

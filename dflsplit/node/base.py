@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -35,6 +36,44 @@ class Node:
         self.results: ResultsWriter = context["results"]
         self.report: Callable[[dict[str, Any]], None] = context.get("report", lambda e: None)
         self.log = logging.getLogger(f"dflsplit.node.{self.uid}")
+        self.byzantine = self.uid in self.cfg.byzantine
+        if self.byzantine:
+            self._poison_data()
+
+    # Byzantine behaviour -------------------------------------------------------------
+    def _poison_data(self) -> None:
+        from ..sharing.attacks import DATA_ATTACKS, flip_labels
+
+        if self.cfg.attack.name in DATA_ATTACKS and len(self.data.train_y):
+            self.data.train_y.copy_(flip_labels(self.data.train_y, self.data.num_classes))
+            self.log.info("node %d is Byzantine: %s on its own training labels", self.uid, self.cfg.attack.name)
+
+    @property
+    def attacks_messages(self) -> bool:
+        """True when this node is Byzantine with an attack on what it sends."""
+        from ..sharing.attacks import DATA_ATTACKS
+
+        return self.byzantine and self.cfg.attack.name not in DATA_ATTACKS
+
+    def craft(self, own: dict[str, torch.Tensor], honest: list[dict[str, torch.Tensor]], n: int, f: int,
+              round_: int) -> dict[str, torch.Tensor]:
+        """The attack's vector from this node's own tensors and the honest ones it holds,
+        shaped like `own`; `n` vectors take part in the aggregation, `f` of them Byzantine."""
+        from ..sharing.aggregators import stack_models
+        from ..sharing.attacks import craft
+        from ..sharing.base import mixing_seed
+
+        names = list(own)
+        own_row = stack_models([own], names)[0]
+        rows = stack_models(honest, names) if honest else own_row.new_zeros((0, own_row.numel()))
+        rng = torch.Generator().manual_seed(mixing_seed(self.cfg.run.seed, self.uid, round_, 0xBAD))
+        a = self.cfg.attack
+        vector = craft(a.name, own_row, rows, rng, n, f, dataclasses.asdict(a.options) if a.options else {})
+        out, offset = {}, 0
+        for k in names:
+            out[k] = vector[offset:offset + own[k].numel()].reshape(own[k].shape).to(own[k].dtype)
+            offset += own[k].numel()
+        return out
 
     @classmethod
     def topology(cls, cfg):
@@ -116,6 +155,8 @@ class Node:
             self.transport.advance(r)
             t0 = time.perf_counter()
             record = {"round": r, **self.run_round(r)}
+            if self.byzantine:
+                record["byzantine"] = True
             record["round_seconds"] = time.perf_counter() - t0
             metrics = dict.fromkeys(("test_loss", "test_acc"))
             eval_seconds = 0.0

@@ -49,17 +49,47 @@ class GossipNode(Node):
 
     def exchange(self, round_: int, send_to: list[int], receive_from: list[int], weights: dict[int, float]) -> None:
         """Publish this node's payload of `round_` to `send_to`, decode every payload of
-        `receive_from`, and aggregate them with the own model under `weights`."""
+        `receive_from`, and aggregate them with the own model under `weights`.
+
+        A Byzantine node that attacks its messages first takes the honest payloads it is
+        entitled to (its honest senders; every honest node's when the attack is
+        omniscient), crafts its vector from them, and then publishes it. Honest nodes
+        publish before they receive, so nobody waits on a Byzantine node to send first.
+        """
         key_ = f"model/{round_}"
-        payload = self.sharing.encode(self.model, round_)
-        if send_to:
-            self.transport.publish(key_, payload.tensors, to=send_to, header=payload.header)
-        own = shared_state(self.model)
+        byz = self.cfg.byzantine
+        omniscient = self.cfg.attack.omniscient
+        if omniscient and not self.byzantine:  # the Byzantine nodes see every honest vector
+            send_to = sorted(set(send_to) | (byz - {self.uid}))
+        own = {k: v.clone() for k, v in shared_state(self.model).items()}
         received = {}
-        for j in receive_from:
+
+        def take(j: int) -> None:
             m = self.transport.receive(key_, j, expect=self.sharing.expect(j, round_, own))
             received[j] = self.sharing.decode(j, round_, m.tensors, m.header, own)
-        self.sharing.aggregate(self.model, own, received, weights, self.uid)
+
+        if not self.attacks_messages:
+            payload = self.sharing.encode(self.model, round_)
+            if send_to:
+                self.transport.publish(key_, payload.tensors, to=send_to, header=payload.header)
+        else:
+            if omniscient:
+                honest = [u for u in range(self.cfg.num_nodes) if u not in byz]
+            else:
+                honest = [j for j in receive_from if j not in byz]
+            for j in honest:
+                take(j)
+            f = len((set(receive_from) | {self.uid}) & byz)
+            crafted = self.craft(own, [received[j] for j in honest], len(receive_from) + 1, f, round_)
+            self.model.load_state_dict(crafted, strict=False)
+            payload = self.sharing.encode(self.model, round_)
+            self.model.load_state_dict(own, strict=False)
+            if send_to:
+                self.transport.publish(key_, payload.tensors, to=send_to, header=payload.header)
+        for j in receive_from:
+            if j not in received:
+                take(j)
+        self.sharing.aggregate(self.model, own, {j: received[j] for j in receive_from}, weights, self.uid)
 
 
 @NODES.register("dpsgd")

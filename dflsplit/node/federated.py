@@ -103,6 +103,10 @@ class FederatedNode(Node):
                 SERVER_OPTIMIZERS.get(k.server_optimizer)
             except KeyError as e:
                 return f"section 'node': key 'server_optimizer': {e.args[0]}"
+        if k.server in cfg.byzantine:
+            return f"section 'attack': key 'nodes': the server (uid {k.server}) cannot be Byzantine here"
+        if cfg.attack.omniscient:
+            return "section 'attack': key 'omniscient': federated clients see only the global model; set it to false"
         if cfg.sharing.name != "full":
             return (f"section 'sharing': key 'name': federated clients send whole models; "
                     f"sharing {cfg.sharing.name!r} is for gossip nodes (use 'full')")
@@ -155,6 +159,10 @@ class FederatedNode(Node):
         with torch.no_grad():
             self.model.load_state_dict(self.sharing.decode(server, round_, m.tensors, m.header, own), strict=False)
         loss = self.training.train()
+        if self.attacks_messages:  # it knows its own honest model, not the other clients'
+            trained = {k: v.clone() for k, v in shared_state(self.model).items()}
+            f = len(set(clients) & self.cfg.byzantine)
+            self.model.load_state_dict(self.craft(trained, [trained], len(clients), f, round_), strict=False)
         update = self.sharing.encode(self.model, round_)
         self.transport.publish(f"update/{round_}", update.tensors, to=[server],
                                header={**update.header, "samples": int(len(self.data.train_y))})

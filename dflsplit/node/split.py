@@ -57,7 +57,7 @@ from ..communication.codec import describe
 from ..graphs import Graph
 from ..mappings.stages import client_to_uid, mapping_from_config, uid_to_client
 from ..models import MODELS
-from ..sharing import weighted_average
+from ..sharing import Aggregation, weighted_average
 from ..training import BatchSampler, build_optimizer
 from .base import NODES, Node
 from .split_schedule import Action, DataflowQueue, SplitPlan, Token, describe_blocked
@@ -140,6 +140,7 @@ class SplitNode(Node):
         if len(parts) != self.P:
             raise SplitError(f"model {cfg.model.name!r} has {len(parts)} partitions, the stage configuration {self.P}")
         self.device = context.get("device", "cpu")
+        self.aggregation = Aggregation.from_config(cfg)  # replica sync across clients (sharing.aggregator)
         self.steps_per_round, period = split_timeline(cfg)
         self.plan = SplitPlan(self.stages, self.client, sp.micro_batches, sp.sync, period, relay=sp.mode == "relay")
         self.replicas = {
@@ -289,6 +290,10 @@ class SplitNode(Node):
     def _send(self, a: Action) -> dict:
         share, n = self._share(a.partition)
         self.shares[(a.step, a.partition)] = (share, n)
+        if self.attacks_messages:  # a Byzantine runner: its replica update is the attack's (it keeps its own)
+            partners = self.plan.partners[a.partition]
+            f = len(({client_to_uid(r) for r in partners} | {self.uid}) & self.cfg.byzantine)
+            share = self.craft(share, [share], len(partners) + 1, f, a.step)
         return {("sync", a.step, a.partition, self.client): (share, {"samples": n})}
 
     def _end(self, a: Action) -> None:
@@ -305,9 +310,12 @@ class SplitNode(Node):
         for r in partners:
             shares[r] = self.inbox.pop(("sync", t, p, r))
         ids = sorted(shares)
+        if self.aggregation.chain != ["mixing"]:  # robust rules may single out row 0: the own share
+            ids = [self.client, *sorted(set(shares) - {self.client})]
+        # (mixing sums in one order on every client, so that their replicas stay bit-identical)
         total = sum(shares[i][1] for i in ids)
         weights = [shares[i][1] / total for i in ids] if total else [1 / len(ids)] * len(ids)
-        new = weighted_average([shares[i][0] for i in ids], weights)
+        new = self.aggregation([shares[i][0] for i in ids], weights)
         for rep in reps:
             rep.module.load_state_dict(new, strict=False)
             rep.samples = 0

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..communication.base import PayloadMismatch
 from ..registry import Registry
-from .aggregators import AGGREGATORS
+from .aggregators import Aggregation
 
 SHARINGS: Registry[type["Sharing"]] = Registry("sharing")
 
@@ -95,12 +95,13 @@ class Sharing:
     def __init__(self, cfg, uid: int):
         self.cfg = cfg
         self.uid = uid
-        self.aggregate_fn = AGGREGATORS.get(cfg.sharing.aggregator)
+        self.aggregate_fn = Aggregation.from_config(cfg)
 
     # sending ---------------------------------------------------------------------
     def encode(self, model: nn.Module, round_: int) -> Payload:
-        """The payload this node sends in `round_`."""
-        return Payload({k: v.to("cpu") for k, v in shared_state(model).items()})
+        """The payload this node sends in `round_` (copies: later changes to the model do not
+        reach a payload still on its way)."""
+        return Payload({k: v.to("cpu", copy=True) for k, v in shared_state(model).items()})
 
     # receiving -------------------------------------------------------------------
     def expect(self, sender: int, round_: int, own: Mapping[str, torch.Tensor]) -> Spec:
