@@ -554,11 +554,24 @@ def _validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: section 'attack': key 'nodes': attack {a.name!r} needs the uids of the "
                           f"Byzantine nodes")
     node_cls = registry_of("node").get(cfg.node.name)
-    check = getattr(node_cls, "check_config", None)
-    if check is not None:
-        problem = check(cfg)
-        if problem:
-            raise ConfigError(f"{source}: {problem}")
+    problem = node_cls.check_config(cfg)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+    if a.omniscient and cfg.node.name not in ("dpsgd", "epidemic"):
+        raise ConfigError(f"{source}: section 'attack': key 'omniscient': only gossip nodes (dpsgd, epidemic) "
+                          f"have omniscient attacks; node {cfg.node.name!r} does not")
+    n = node_cls.aggregation_inputs(cfg)
+    if n is not None:  # the chain's own checks of n against f, on n placeholder vectors
+        import torch
+
+        from .sharing.aggregators import aggregate_vectors
+
+        try:
+            aggregate_vectors(cfg.sharing.aggregator, torch.zeros(n, 1), torch.full((n,), 1.0 / n),
+                              cfg.sharing.aggregation_keys)
+        except ValueError as e:
+            raise ConfigError(f"{source}: section 'sharing': key 'aggregator': {e} (the run's aggregations "
+                              f"combine as few as {n} vectors)") from None
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -92,6 +92,12 @@ class Node:
         return uid, cfg.num_nodes
 
     @classmethod
+    def aggregation_inputs(cls, cfg) -> int | None:
+        """The fewest vectors one of this run's aggregations combines (own included), when the
+        config fixes it: the loader checks the aggregator's f against it. None: unknown."""
+        return None
+
+    @classmethod
     def check_config(cls, cfg) -> str | None:
         """A cross-key problem of a config for this node type ('section ...: key ...: what'),
         or None; run by the config loader."""

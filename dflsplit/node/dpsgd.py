@@ -117,6 +117,15 @@ class DPSGDNode(GossipNode):
             return f"section 'graph': key 'dynamic': dynamic graphs are random regular graphs; set type: regular (got {g.type!r})"
         return None
 
+    @classmethod
+    def aggregation_inputs(cls, cfg):
+        if cfg.graph.dynamic:
+            return cfg.graph.degree + 1
+        try:
+            return min(cls.topology(cfg).degrees()) + 1
+        except Exception:  # an impossible graph is reported where it is built
+            return None
+
     def peers(self) -> list[int]:
         if self.cfg.graph.dynamic:  # any node may be a neighbour in some round
             return [u for u in range(self.cfg.num_nodes) if u != self.uid]
@@ -173,6 +182,10 @@ class EpidemicNode(GossipNode):
             return (f"section 'node': key 'peers': EL-Oracle needs an s-regular graph on {n} nodes, "
                     f"but n·s = {n * s} is odd")
         return None
+
+    @classmethod
+    def aggregation_inputs(cls, cfg):
+        return cfg.node.peers + 1 if cfg.node.variant == "oracle" else None  # EL-Local: in-degree varies
 
     @classmethod
     def topology(cls, cfg):

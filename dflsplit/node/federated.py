@@ -113,6 +113,10 @@ class FederatedNode(Node):
         return None
 
     @classmethod
+    def aggregation_inputs(cls, cfg):
+        return len(sampled_clients(cfg, 0))
+
+    @classmethod
     def topology(cls, cfg):
         """A star: the server and each client."""
         return Graph(cfg.num_nodes, [(cfg.node.server, c) for c in clients_of(cfg)])

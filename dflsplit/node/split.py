@@ -309,6 +309,11 @@ class SplitNode(Node):
         shares = {self.client: own}
         for r in partners:
             shares[r] = self.inbox.pop(("sync", t, p, r))
+        if not partners:  # only this client's replicas: their local average is the result
+            for rep in reps:
+                rep.module.load_state_dict(own[0], strict=False)
+                rep.samples = 0
+            return
         ids = sorted(shares)
         if self.aggregation.chain != ["mixing"]:  # robust rules may single out row 0: the own share
             ids = [self.client, *sorted(set(shares) - {self.client})]
