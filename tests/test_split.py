@@ -337,3 +337,12 @@ def test_invalid_stage_configuration_fails_before_any_node_starts(tmp_path, base
     with pytest.raises(StageConfigError, match="rule 5: .*the model has 3 partitions"):
         run_experiment(cfg, tmp_path / "run")
     assert not list((tmp_path / "run").glob("node_*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "eval/configs/split").glob("*.yaml")))
+def test_every_split_example_config_learns(tmp_path, base_port, name):
+    """The README's `dflsplit run eval/configs/split/<name>.yaml`, on a free port: 90 % on digits."""
+    cfg = load_config(REPO / f"eval/configs/split/{name}.yaml", [f"run.base_port={base_port}", "run.progress=false"])
+    summary = run_experiment(cfg, tmp_path / "run")
+    assert summary["test_acc_mean"] >= 0.90, summary
