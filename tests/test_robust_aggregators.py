@@ -251,15 +251,18 @@ def test_chain_shares_f():
         aggregate_vectors(["bucketing", "trimmed_mean"], *inputs(10, 3, seed=4), {"f": 3, "s": 2})
 
 
-@pytest.mark.parametrize("name", ["median", "trimmed_mean", "meamed", "bulyan"])
-def test_torch_sort_path_matches(name, monkeypatch):
-    """The coordinate-wise rules' torch.sort path (other devices) equals the NumPy one."""
+@pytest.mark.parametrize("name, keys", [
+    ("median", {}), ("trimmed_mean", {"f": 4}), ("meamed", {"f": 4}), ("bulyan", {"f": 3}), ("multikrum", {"f": 4}),
+    ("geometric_median", {}), ("caf", {"f": 4}), ("centered_clipping", {"start": "median"}),
+])
+def test_torch_paths_match(name, keys, monkeypatch):
+    """The torch paths (other devices: torch.sort, one Gram product) equal the NumPy ones."""
     x, w = inputs(20, 37, seed=5, outliers=3)
     x[3, 5], x[4, 6], x[5, 7] = math.nan, math.inf, -math.inf
-    keys = {} if name == "median" else {"f": 4 if name != "bulyan" else 3}
     a = AGGREGATORS.get(name)(x, w, **keys)
-    monkeypatch.setattr(robust, "USE_NUMPY_SORT", False)
+    monkeypatch.setattr(robust, "USE_NUMPY", False)
     close(AGGREGATORS.get(name)(x, w, **keys), a, torch.float64)
+    assert torch.isfinite(a).all()
 
 
 def test_chunked_paths(monkeypatch):
@@ -418,7 +421,7 @@ def test_keys_dataclasses_match_signatures():
             params = inspect.signature(inspect.unwrap(registry.get(name))).parameters
             declared = {f.name: f.default for f in dataclasses.fields(cls)} if cls else {}
             assert {k: p.default for k, p in params.items() if k not in ("x", "w")} == declared, name
-            assert all(f.metadata.get("doc") for f in dataclasses.fields(cls or type("E", (), {"__dataclass_fields__": {}})))
+            assert all(f.metadata.get("doc") for f in (dataclasses.fields(cls) if cls else ())), name
 
 
 # ----------------------------------------------------------------------------- non-finite rows
@@ -471,3 +474,20 @@ def test_non_finite_rows_are_dropped_not_averaged():
 
 def ref_t(a):
     return torch.tensor(a, dtype=torch.float64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    x, w = poisoned([4, 11], n=16, d=300, dtype=torch.float32)
+    xc, wc = x.cuda(), w.cuda()
+    for name, keys in [*ROBUST.items(), *(("centered_clipping", k) for k in CC_STARTS)]:
+        out = AGGREGATORS.get(name)(xc, wc, **keys)
+        assert out.device.type == "cuda"
+        close(out.cpu(), AGGREGATORS.get(name)(x, w, **keys), torch.float32)
+    for pre, keys in [("nnm", {"f": 3}), ("arc", {"f": 3}), ("clipping", {"threshold": 2.0}), ("bucketing", {"s": 3})]:
+        y, wy = PRE_AGGREGATORS.get(pre)(xc, wc, **keys)
+        ry, rw = PRE_AGGREGATORS.get(pre)(x, w, **keys)
+        assert y.device.type == "cuda" and wy.device.type == "cuda"
+        assert torch.equal(torch.isfinite(y.cpu()), torch.isfinite(ry))
+        close(torch.nan_to_num(y.cpu()), torch.nan_to_num(ry), torch.float32)
+        close(wy.cpu(), rw, torch.float32)

@@ -65,19 +65,27 @@ all for ``geometric_median`` and ``centered_clipping``), and the other rows are 
   ``bucketing`` passes it on to its bucket, for the aggregator after it to drop.
 
 Precision and speed. Pairwise distances come from one Gram matrix of the rows minus a
-reference row (row 0, or the first finite row), computed in chunks of columns in the input
-dtype and used in float64: distances between nearby vectors far from the origin (models)
-keep the precision of their difference rather than of their norms. The small n×n work (Krum
-scores, Weiszfeld and CAF iterations, which run on the Gram matrix: z = Σ a_i x_i is
-carried as its coefficients a) is float64. On the CPU the coordinate-wise rules sort
-transposed column blocks with NumPy's vectorised sort on ``torch.get_num_threads()``
-threads (several times faster than ``torch.sort`` along dim 0); on other devices they use
-``torch.sort``.
+reference row (row 0, or the first finite row), made exactly symmetric and used in float64:
+distances between nearby vectors far from the origin (models) keep the precision of their
+difference rather than of their norms. Only ``monna`` and ``centered_clipping`` need
+distances to one vector, which they compute from the exact differences. The small n×n work
+(Krum scores, the Weiszfeld and CAF iterations, which run on the Gram matrix: a vector
+z = Σ a_i x_i is carried as its coefficients a) is float64; the result is one product of
+coefficients and rows. On the CPU (float32/float64) the heavy steps run in NumPy on
+``torch.get_num_threads()`` threads over blocks of columns, with NumPy's BLAS held to one
+thread meanwhile: the Gram matrix as BLAS syrk (half the work of a matrix product), the
+coordinate-wise rules as NumPy's vectorised sort of transposed blocks (several times faster
+than ``torch.sort`` along dim 0); the rules that mix NumPy threads with torch keep their
+large steps on one side, since torch's OpenMP threads spin on the cores for a while after a
+parallel region. On other devices all of it runs in torch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
@@ -95,7 +103,7 @@ _GRAM_CHUNK_BYTES = 1 << 21   # columns per chunk of the shifted Gram matrix: n 
 _DIST_CHUNK_BYTES = 1 << 20   # same, for distances to one vector
 _SORT_CHUNK = 2048            # columns per block of the CPU coordinate-wise sort
 _SORT_ROWS = 8                # rows per transposing copy (NumPy copies 8-row strips fastest)
-USE_NUMPY_SORT = True         # tests switch it off to check the torch.sort path
+USE_NUMPY = True              # CPU work in NumPy threads; tests switch it off to check the torch paths
 
 
 # --------------------------------------------------------------------------- keys
@@ -157,7 +165,8 @@ def _need(rule: str, ok: bool, cond: str, n: int, f: int, extra: str = "") -> No
 
 
 def _float_io(fn: Callable) -> Callable:
-    """Run `fn` in float32 for inputs that are neither float32 nor float64, casting back."""
+    """Run `fn` on detached inputs, in float32 for inputs neither float32 nor float64 (cast back)."""
+    @functools.wraps(fn)
     def wrapper(x: Tensor, w: Tensor, **keys):
         if x.dtype in (torch.float32, torch.float64):
             return fn(x.detach(), w, **keys)
@@ -165,8 +174,6 @@ def _float_io(fn: Callable) -> Callable:
         if isinstance(out, tuple):
             return out[0].to(x.dtype), out[1].to(w.dtype)
         return out.to(x.dtype)
-    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
-    wrapper.__wrapped__ = fn
     return wrapper
 
 
@@ -174,6 +181,9 @@ def _float_io(fn: Callable) -> Callable:
 
 
 def _finite_row(x: Tensor, i: int) -> bool:
+    if x.device.type == "cpu":  # one thread: no torch parallel region before NumPy threads start
+        with np.errstate(all="ignore"):
+            return bool(np.isfinite(x[i].numpy().sum()))
     return bool(torch.isfinite(x[i].sum()))
 
 
@@ -189,13 +199,72 @@ def _chunk(n: int, d: int, itemsize: int, budget: int) -> int:
     return max(256, min(d, budget // max(1, n * itemsize)))
 
 
+# ----- CPU threads: NumPy releases the GIL, so column blocks go to torch.get_num_threads()
+# Python threads, with OpenBLAS held to one thread meanwhile (else its own pool serialises them)
+
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_blas = None  # threadpoolctl's controller of the loaded BLAS libraries (False: unavailable)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of `workers` threads of this process (a forked child makes its own: the
+    parent's threads do not survive the fork)."""
+    k = (os.getpid(), workers)
+    if k not in _pools:
+        _pools[k] = ThreadPoolExecutor(workers, thread_name_prefix="dflsplit-robust")
+    return _pools[k]
+
+
+def _one_blas_thread():
+    """A context in which NumPy's BLAS runs on the calling thread only (a no-op without
+    threadpoolctl, which comes with scikit-learn)."""
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _blas = ThreadpoolController().select(user_api="blas")
+        except Exception:  # pragma: no cover - threadpoolctl missing or failing
+            _blas = False
+    return _blas.limit(limits=1) if _blas else contextlib.nullcontext()
+
+
+def _in_threads(work: Callable, spans: list, workers: Optional[int] = None) -> list:
+    """work(part) for `workers` (default torch.get_num_threads()) contiguous parts of `spans`."""
+    workers = max(1, min(workers or torch.get_num_threads(), len(spans)))
+
+    def quiet(part):  # NaN and inf inputs are expected: no RuntimeWarnings
+        with np.errstate(all="ignore"):
+            return work(part)
+
+    with _one_blas_thread():
+        if workers == 1:
+            return [quiet(spans)]
+        per = -(-len(spans) // workers)
+        futures = [_pool(workers).submit(quiet, spans[i:i + per]) for i in range(0, len(spans), per)]
+        return [fut.result() for fut in futures]
+
+
 def _gram(x: Tensor, r: int) -> Tensor:
-    """float64 G_ij = (x_i − x_r)·(x_j − x_r), computed in x's dtype column block by block."""
+    """float64 G_ij = (x_i − x_r)·(x_j − x_r), computed in x's dtype column block by block
+    (on the CPU: BLAS syrk, b @ b.T, on every torch thread)."""
     n, d = x.shape
     if x.device.type != "cpu" or d == 0:
         y = x - x[r]
         return (y @ y.T).double()
     c = _chunk(n, d, x.element_size(), _GRAM_CHUNK_BYTES)
+    if USE_NUMPY and x.dtype in (torch.float32, torch.float64):
+        xn = x.numpy()
+
+        def work(part):
+            g = np.zeros((n, n))
+            buf = np.empty((n, c), dtype=xn.dtype)
+            for s, e in part:
+                b = buf[:, :e - s]
+                np.subtract(xn[:, s:e], xn[r, s:e], out=b)
+                g += b @ b.T  # NumPy calls syrk for a product with its own transpose
+            return g
+
+        return torch.from_numpy(sum(_in_threads(work, [(s, min(d, s + c)) for s in range(0, d, c)])))
     g = torch.zeros(n, n, dtype=x.dtype)
     buf = torch.empty(n, c, dtype=x.dtype)
     for s in range(0, d, c):
@@ -223,8 +292,9 @@ def _sq_dists_to(x: Tensor, v: Tensor) -> Tensor:
 
 
 def _shifted_gram(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(G of the rows minus a finite reference row, bad rows) with the bad rows' entries 0."""
-    g = _gram(x, _reference_row(x))
+    """(G of the rows minus a finite reference row, bad rows), on the CPU (the n×n work is
+    small), with the bad rows' entries 0."""
+    g = _gram(x, _reference_row(x)).cpu()
     bad = ~torch.isfinite(g.diagonal())
     if bad.any():
         g[bad] = 0
@@ -247,20 +317,41 @@ def _pairwise(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return dist, bad, to_ref
 
 
-def _combine(x: Tensor, coef: Tensor, bad: Optional[Tensor] = None) -> Tensor:
-    """Σ coef_i x_i, leaving out the rows of coefficient 0 when some rows are not finite
-    (0 · NaN would be NaN)."""
-    coef = coef.to(device=x.device)
+def _combine(x: Tensor, coef: Tensor, bad: Optional[Tensor] = None, threads: bool = False) -> Tensor:
+    """coef @ x for float64 coefficients coef (n,) or (m, n), leaving out the rows whose
+    coefficients are all 0 when some rows are not finite (0 · NaN would be NaN). With
+    `threads` (the rules whose other CPU work runs in NumPy threads) the product runs there
+    too: a torch parallel region just before NumPy threads slows them down (its OpenMP
+    threads spin on the cores for a while)."""
+    coef = coef.cpu()
+    rows = None
     if bad is not None and bool(bad.any()):
-        keep = (coef != 0).nonzero().flatten()
-        return coef[keep].to(x.dtype) @ x.index_select(0, keep)
-    return coef.to(x.dtype) @ x
+        rows = (coef.reshape(-1, coef.shape[-1]) != 0).any(0).nonzero().flatten()
+        coef = coef[..., rows]
+    if threads and USE_NUMPY and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        xn = x.numpy()
+        if rows is not None:
+            xn = xn[rows.numpy()]
+        cm = coef.numpy().astype(xn.dtype)
+        n, d = xn.shape
+        out = np.empty(cm.shape[:-1] + (d,), dtype=xn.dtype)
+        c = _chunk(n, d, xn.itemsize, _GRAM_CHUNK_BYTES)
+
+        def work(part):
+            for s, e in part:
+                out[..., s:e] = cm @ xn[:, s:e]
+
+        _in_threads(work, [(s, min(d, s + c)) for s in range(0, d, c)])
+        return torch.from_numpy(out)
+    if rows is not None:
+        x = x.index_select(0, rows.to(x.device))
+    return coef.to(dtype=x.dtype, device=x.device) @ x
 
 
-def _select_mean(x: Tensor, idx: Tensor, bad: Optional[Tensor]) -> Tensor:
+def _select_mean(x: Tensor, idx: Tensor, bad: Optional[Tensor], threads: bool = False) -> Tensor:
     coef = torch.zeros(x.shape[0], dtype=torch.float64)
     coef[idx.cpu()] = 1.0 / len(idx)
-    return _combine(x, coef, bad)
+    return _combine(x, coef, bad, threads)
 
 
 def _smallest(values: Tensor, k: int) -> Tensor:
@@ -278,15 +369,6 @@ def _row_norms(x: Tensor) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- coordinate-wise
 
 
-_pools: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    if workers not in _pools:
-        _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="dflsplit-robust")
-    return _pools[workers]
-
-
 def _median_np(s: np.ndarray) -> np.ndarray:
     n = s.shape[1]
     if n % 2:
@@ -301,8 +383,15 @@ def _median_torch(s: Tensor) -> Tensor:
     return 0.5 * s[:, n // 2 - 1] + 0.5 * s[:, n // 2]
 
 
+def _row_sums(s: np.ndarray) -> np.ndarray:
+    """Row sums of a 2-D block as a BLAS matrix-vector product (NumPy's sum along short rows
+    is several times slower)."""
+    return s @ np.ones(s.shape[1], dtype=s.dtype)
+
+
 def _trimmed_np(s: np.ndarray, f: int) -> np.ndarray:
-    return s[:, f:s.shape[1] - f].mean(axis=1)
+    n = s.shape[1]
+    return _row_sums(s[:, f:n - f]) / (n - 2 * f)
 
 
 def _trimmed_torch(s: Tensor, f: int) -> Tensor:
@@ -311,17 +400,23 @@ def _trimmed_torch(s: Tensor, f: int) -> Tensor:
 
 def _closest_np(s: np.ndarray, k: int) -> np.ndarray:
     """Per row of the sorted `s`, the mean of the k values closest to the median: the window
-    s[j : j + k] (j = 0..n−k) whose farthest value is nearest to the median."""
+    s[j : j + k] (j = 0..n−k) whose farthest value is nearest to the median (the lowest j
+    on ties). Its sum only adds values of the window (no prefix-sum differences, which
+    outliers would cancel)."""
     n = s.shape[1]
-    if k == n:
-        return s.mean(axis=1)
+    h = n - k  # windows start at 0..h
+    if h == 0:
+        return _row_sums(s) / n
     med = _median_np(s)[:, None]
-    far = np.maximum(med - s[:, :n - k + 1], s[:, k - 1:] - med)
+    far = np.maximum(med - s[:, :h + 1], s[:, k - 1:] - med)
     far[np.isnan(far)] = INF
     start = far.argmin(axis=1)[:, None]
-    j = np.arange(n)
-    inside = (j >= start) & (j < start + k)
-    return np.where(inside, s, 0).sum(axis=1) / k
+    if k > h:  # all windows share s[:, h:k]; window j adds s[:, j:h] and s[:, k:k + j]
+        j = np.arange(h)
+        total = _row_sums(s[:, h:k]) + _row_sums(np.where(j >= start, s[:, :h], 0)) \
+            + _row_sums(np.where(j < start, s[:, k:], 0))
+        return total / k
+    return _row_sums(np.take_along_axis(s, start + np.arange(k), axis=1)) / k
 
 
 def _closest_torch(s: Tensor, k: int) -> Tensor:
@@ -345,7 +440,7 @@ def _coordinatewise(x: Tensor, kernel: str, *args) -> Tensor:
     """kernel(values of each coordinate sorted ascending, NaN last) for every coordinate."""
     n, d = x.shape
     k_np, k_torch = _KERNELS[kernel]
-    if not (USE_NUMPY_SORT and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)):
+    if not (USE_NUMPY and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)):
         return k_torch(torch.sort(x, dim=0).values.T, *args).to(x.dtype)
     xn = x.numpy()
     out = np.empty(d, dtype=xn.dtype)
@@ -360,13 +455,7 @@ def _coordinatewise(x: Tensor, kernel: str, *args) -> Tensor:
             b.sort(axis=1)
             out[s:e] = k_np(b, *args)
 
-    workers = max(1, min(torch.get_num_threads(), len(spans)))
-    if workers == 1:
-        work(spans)
-    else:
-        per = -(-len(spans) // workers)
-        for fut in [_pool(workers).submit(work, spans[i:i + per]) for i in range(0, len(spans), per)]:
-            fut.result()
+    _in_threads(work, spans)
     return torch.from_numpy(out)
 
 
@@ -422,7 +511,8 @@ def krum(x: Tensor, w: Tensor, f: int = 0) -> Tensor:
     n, f = x.shape[0], _check_f("krum", f)
     _need("krum", n > 2 * f + 2, "n > 2f + 2", n, f)
     dist, _, _ = _pairwise(x)
-    return x[int(_smallest(_krum_scores(dist, f), 1)[0])].clone()
+    i = int(_smallest(_krum_scores(dist, f), 1)[0])
+    return torch.from_numpy(x[i].numpy().copy()) if x.device.type == "cpu" else x[i].clone()
 
 
 @AGGREGATORS.register("multikrum", keys=MultiKrumKeys)
@@ -434,7 +524,7 @@ def multikrum(x: Tensor, w: Tensor, f: int = 0, m: Optional[int] = None) -> Tens
     m = n - f if m is None else m
     _need("multikrum", isinstance(m, (int, np.integer)) and 1 <= m <= n - f, "1 <= m <= n - f", n, f, f", m={m}")
     dist, bad, _ = _pairwise(x)
-    return _select_mean(x, _smallest(_krum_scores(dist, f), int(m)), bad)
+    return _select_mean(x, _smallest(_krum_scores(dist, f), int(m)), bad, threads=True)
 
 
 @AGGREGATORS.register("geometric_median", keys=GeometricMedianKeys)
@@ -459,7 +549,7 @@ def geometric_median(x: Tensor, w: Tensor, eps: float = 1e-6, max_iter: int = 10
         a = new
         if math.sqrt(max(step @ g @ step, 0)) <= tol * dist[good].mean():
             break
-    return _combine(x, torch.from_numpy(a), bad_t)
+    return _combine(x, torch.from_numpy(a), bad_t, threads=True)
 
 
 @AGGREGATORS.register("centered_clipping", keys=CenteredClippingKeys)
@@ -521,28 +611,50 @@ def caf(x: Tensor, w: Tensor, f: int = 0) -> Tensor:
     _need("caf", n > 2 * f, "n > 2f", n, f)
     g_t, bad_t = _shifted_gram(x)
     g, bad = g_t.cpu().numpy(), bad_t.cpu().numpy()
+    if bad.all():
+        return x.mean(0)
     c = np.where(bad, 0.0, 1.0)
     best, best_lam = c / c.sum(), INF
     while c.sum() > n - 2 * f:
-        s = c.sum()
-        a = c / s
-        # K = (Y − 1μᵀ)(Y − 1μᵀ)ᵀ with μ = aᵀY, from the Gram matrix of the rows Y
-        ga = g @ a
-        k = g - ga[:, None] - ga[None, :] + a @ ga
-        root = np.sqrt(c)
-        lam_all, u_all = np.linalg.eigh(root[:, None] * k * root[None, :] / s)
-        lam, u = lam_all[-1], u_all[:, -1]
+        live = np.flatnonzero(c > 0)  # the rows of c = 0 take no part (their weight stays 0)
+        cl, gl = c[live], g[np.ix_(live, live)]
+        s = cl.sum()
+        a = cl / s
+        # K = (Y − 1μᵀ)(Y − 1μᵀ)ᵀ with μ = aᵀY, from the Gram matrix of the rows Y; the
+        # covariance Σ = Yᵀ diag(c) Y / s shares its top eigenpair with √c K √c / s (n×n)
+        ga = gl @ a
+        k = gl - ga[:, None] - ga[None, :] + a @ ga
+        root = np.sqrt(cl)
+        lam, u = _top_eigenpair(root[:, None] * k * root[None, :] / s)
         if lam < best_lam:
-            best, best_lam = a, lam
+            best_lam = lam
+            best = np.zeros(n)
+            best[live] = a
         if not lam > 0:
             break
-        tau = np.square(k @ (root * u)) / (s * lam)  # ((y_i − μ)·v)² with v the top eigenvector
-        live = c > 0
-        tau_max = tau[live].max()
+        tau = np.square(k @ (root * u)) / (s * lam)  # ((y_i − μ)·v)², v the top eigenvector of Σ
+        tau_max = tau.max()
         if not tau_max > 0:
             break
-        c = np.where(live, c * np.clip(1 - tau / tau_max, 0, 1), 0.0)
-    return _combine(x, torch.from_numpy(best), bad_t)
+        c = np.zeros(n)
+        c[live] = cl * np.clip(1 - tau / tau_max, 0, 1)
+    return _combine(x, torch.from_numpy(best), bad_t, threads=True)
+
+
+def _top_eigenpair(m: np.ndarray) -> tuple[float, np.ndarray]:
+    """The largest eigenvalue of the symmetric `m` and a unit eigenvector."""
+    if _dsyevr is not None:
+        w, z, _, _, info = _dsyevr(m, compute_v=1, range="I", il=len(m), iu=len(m))
+        if info == 0:
+            return float(w[0]), z[:, 0]
+    lam, vec = np.linalg.eigh(m)
+    return float(lam[-1]), vec[:, -1]
+
+
+try:  # LAPACK's dsyevr for one eigenpair (scipy comes with scikit-learn); else numpy's eigh
+    from scipy.linalg.lapack import dsyevr as _dsyevr
+except ImportError:  # pragma: no cover
+    _dsyevr = None
 
 
 @AGGREGATORS.register("bulyan", keys=ByzantineKeys)
@@ -559,7 +671,8 @@ def bulyan(x: Tensor, w: Tensor, f: int = 0) -> Tensor:
         i = int(_smallest(_krum_scores(dist, f, left), 1)[0])
         picked.append(i)
         left[i] = False
-    chosen = x.index_select(0, torch.tensor(sorted(picked), device=x.device))
+    picked.sort()
+    chosen = torch.from_numpy(x.numpy()[picked]) if x.device.type == "cpu" else x[picked]
     return _coordinatewise(chosen, "closest", n - 4 * f).to(x.device)
 
 
@@ -582,10 +695,14 @@ def nnm(x: Tensor, w: Tensor, f: int = 0) -> tuple[Tensor, Tensor]:
         dist[:, bad] = INF
     nearest = torch.sort(dist, dim=1, stable=True).indices[:, :n - f]
     mix = torch.zeros(n, n, dtype=torch.float64).scatter_(1, nearest, 1.0 / (n - f))
-    if bad.any():
-        good = (~bad).nonzero().flatten()
-        return mix[:, good].to(x.dtype).to(x.device) @ x.index_select(0, good.to(x.device)), w
-    return mix.to(x.dtype).to(x.device) @ x, w
+    # rows with the same neighbourhood (often all the honest ones) are mixed once
+    sets, inverse = torch.unique(mix != 0, dim=0, return_inverse=True)
+    if len(sets) <= n // 2:
+        mix = sets.double() / (n - f)
+    out = _combine(x, mix, bad, threads=True)
+    if len(sets) <= n // 2:
+        out = torch.from_numpy(out.numpy()[inverse.numpy()]) if out.device.type == "cpu" else out[inverse.to(out.device)]
+    return out, w
 
 
 @PRE_AGGREGATORS.register("bucketing", keys=BucketingKeys)
@@ -609,13 +726,11 @@ def bucketing(x: Tensor, w: Tensor, s: int = 2, seed: int = 0) -> tuple[Tensor, 
 
 
 def _scale_rows(x: Tensor, scale: Tensor, bad: Tensor) -> Tensor:
-    """x with row i scaled by scale_i (float64, 1: unchanged) and the bad rows set to 0."""
-    change = ((scale < 1) | bad).nonzero().flatten()
-    if len(change) == 0:
+    """x with row i scaled by scale_i (float64, 1: unchanged) and the bad rows set to 0
+    (x itself when nothing changes)."""
+    if not bool(((scale < 1) | bad).any()):
         return x
-    out = x.clone()
-    idx = change.to(x.device)
-    out[idx] = x.index_select(0, idx) * scale[change].to(x.dtype).to(x.device)[:, None]
+    out = x * scale.to(dtype=x.dtype, device=x.device)[:, None]
     if bad.any():
         out[bad.to(x.device)] = 0
     return out
