@@ -445,13 +445,10 @@ def _build_section(cls: type, data: Any, where: str) -> Any:
         if extra:
             raise _unknown_key(next(iter(extra)), list(fields), where)
         return section
-    registry = registry_of(cls.SECTION)
-    if section.name not in registry:
-        try:
-            registry.get(section.name)
-        except KeyError as e:
-            raise ConfigError(f"{where}: key 'name': {e.args[0]}") from None
-    keys_cls = registry.keys_of(section.name)
+    try:
+        keys_cls = registry_of(cls.SECTION).keys_of(section.name)  # KeyError names the known ones
+    except KeyError as e:
+        raise ConfigError(f"{where}: key 'name': {e.args[0]}") from None
     own = {f.name: f for f in dataclasses.fields(keys_cls)} if keys_cls is not None else {}
     chain: dict[str, tuple[dataclasses.Field, Any, str]] = {}
     if isinstance(section, SharingConfig):

@@ -61,7 +61,7 @@ class Node:
         shaped like `own`; `n` vectors take part in the aggregation, `f` of them Byzantine."""
         from ..sharing.aggregators import stack_models
         from ..sharing.attacks import craft
-        from ..sharing.base import mixing_seed
+        from ..sharing.base import mixing_seed, unflatten
 
         names = list(own)
         own_row = stack_models([own], names)[0]
@@ -69,11 +69,7 @@ class Node:
         rng = torch.Generator().manual_seed(mixing_seed(self.cfg.run.seed, self.uid, round_, 0xBAD))
         a = self.cfg.attack
         vector = craft(a.name, own_row, rows, rng, n, f, dataclasses.asdict(a.options) if a.options else {})
-        out, offset = {}, 0
-        for k in names:
-            out[k] = vector[offset:offset + own[k].numel()].reshape(own[k].shape).to(own[k].dtype)
-            offset += own[k].numel()
-        return out
+        return unflatten(vector, own)
 
     @classmethod
     def topology(cls, cfg):
@@ -144,13 +140,13 @@ class Node:
             metadata_bytes_sent=max(0, sent - psent), metadata_bytes_received=max(0, received - preceived),
         )
 
-    def save_model(self) -> None:
-        """Write the final model to ``model_<uid>.safetensors`` in the run folder (`node.save_model`)."""
+    def save_model(self, stem: str = "model") -> None:
+        """Write `self.model` to ``<stem>_<uid>.safetensors`` in the run folder (`node.save_model`
+        at the end: the model the last round evaluated, as the last round always tests)."""
         from safetensors.torch import save_file
 
-        self.prepare_eval()
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(Path(self.ctx.get("run_dir", ".")) / f"model_{self.uid}.safetensors"))
+        save_file(state, str(Path(self.ctx.get("run_dir", ".")) / f"{stem}_{self.uid}.safetensors"))
 
     def run(self) -> None:
         t0 = time.perf_counter()

@@ -61,7 +61,9 @@ class GossipNode(Node):
         omniscient = self.cfg.attack.omniscient
         if omniscient and not self.byzantine:  # the Byzantine nodes see every honest vector
             send_to = sorted(set(send_to) | (byz - {self.uid}))
-        own = {k: v.clone() for k, v in shared_state(self.model).items()}
+        own = shared_state(self.model)  # views: read before the aggregate is loaded
+        if self.attacks_messages:  # the crafted vector goes through the model; keep a copy of its own
+            own = {k: v.clone() for k, v in own.items()}
         received = {}
 
         def take(j: int) -> None:
@@ -164,7 +166,8 @@ def epidemic_targets(n: int, s: int, variant: str, seed: int, round_: int) -> li
     out = []
     for i in range(n):
         rng = random.Random(mixing_seed(seed, round_, i, 0xE1))
-        out.append(sorted(rng.sample([j for j in range(n) if j != i], s)))
+        # position p of the other nodes (0..n-1 without i) is node p, or p + 1 from i on
+        out.append(sorted(p + (p >= i) for p in rng.sample(range(n - 1), s)))
     return out
 
 

@@ -98,11 +98,10 @@ class FederatedNode(Node):
             return "section 'node': set at most one of keys 'fraction' and 'clients_per_round'"
         if k.clients_per_round is not None and k.clients_per_round > n - 1:
             return f"section 'node': key 'clients_per_round': {k.clients_per_round} is more than the {n - 1} clients"
-        if k.server_optimizer not in SERVER_OPTIMIZERS:
-            try:
-                SERVER_OPTIMIZERS.get(k.server_optimizer)
-            except KeyError as e:
-                return f"section 'node': key 'server_optimizer': {e.args[0]}"
+        try:
+            SERVER_OPTIMIZERS.get(k.server_optimizer)
+        except KeyError as e:
+            return f"section 'node': key 'server_optimizer': {e.args[0]}"
         if k.server in cfg.byzantine:
             return f"section 'attack': key 'nodes': the server (uid {k.server}) cannot be Byzantine here"
         if cfg.attack.omniscient:

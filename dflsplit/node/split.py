@@ -43,11 +43,9 @@ import copy
 import math
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
@@ -57,7 +55,7 @@ from ..communication.codec import describe
 from ..graphs import Graph
 from ..mappings.stages import client_to_uid, mapping_from_config, uid_to_client
 from ..models import MODELS
-from ..sharing import Aggregation, weighted_average
+from ..sharing import weighted_average
 from ..training import BatchSampler, build_optimizer
 from .base import NODES, Node
 from .split_schedule import Action, DataflowQueue, SplitPlan, Token, describe_blocked
@@ -140,7 +138,7 @@ class SplitNode(Node):
         if len(parts) != self.P:
             raise SplitError(f"model {cfg.model.name!r} has {len(parts)} partitions, the stage configuration {self.P}")
         self.device = context.get("device", "cpu")
-        self.aggregation = Aggregation.from_config(cfg)  # replica sync across clients (sharing.aggregator)
+        self.aggregation = context["sharing"].aggregate_fn  # replica sync across clients (sharing.aggregator)
         self.steps_per_round, period = split_timeline(cfg)
         self.plan = SplitPlan(self.stages, self.client, sp.micro_batches, sp.sync, period, relay=sp.mode == "relay")
         self.replicas = {
@@ -416,6 +414,4 @@ class SplitNode(Node):
     def run(self) -> None:
         super().run()
         if self.cfg.split.save_model:
-            run_dir = Path(self.ctx.get("run_dir", "."))
-            state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
-            save_file(state, str(run_dir / f"split_model_{self.uid}.safetensors"))
+            self.save_model("split_model")

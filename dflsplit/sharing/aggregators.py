@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..registry import Registry
+from .vectors import unflatten
 
 TensorDict = Mapping[str, torch.Tensor]
 AGGREGATORS: Registry[Callable[..., torch.Tensor]] = Registry("aggregator")
@@ -82,13 +83,7 @@ def aggregate_models(chain: str | Sequence[str], models: Sequence[TensorDict], w
     first = models[0]
     device = next(iter(first.values())).device if first else torch.device("cpu")
     x = stack_models([{k: m[k].to(device) for k in names} for m in models], names)
-    v = aggregate_vectors(chain, x, weights, keys)
-    out, offset = {}, 0
-    for k in names:
-        n = first[k].numel()
-        out[k] = v[offset:offset + n].reshape(first[k].shape).to(first[k].dtype)
-        offset += n
-    return out
+    return unflatten(aggregate_vectors(chain, x, weights, keys), first)
 
 
 class Aggregation:
