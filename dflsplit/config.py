@@ -177,11 +177,15 @@ class CommunicationConfig(Section):
 
     SECTION = "communication"
     name: str = "torrent"
-    timeout: float = key(120.0, "seconds to wait for a peer's message", gt=0)
+    timeout: float = key(120.0, "seconds a round waits for its peers' messages (one deadline for all of them)", gt=0)
     hello_timeout: float = key(60.0, "seconds to wait for the peers' HELLO at start", gt=0)
     upload_limit: int = key(0, "upload cap in bytes/s (0: none)", ge=0)
     download_limit: int = key(0, "download cap in bytes/s (0: none)", ge=0)
-    curve_keys: Optional[str] = None
+    curve_keys: Optional[str] = key(None, "folder of CURVE keys (dflsplit keys): authenticate and encrypt the control plane")
+    max_message_bytes: int = key(
+        256 << 20, "largest control-plane frame, and largest payload under a key whose receiver declared no size",
+        ge=1024)
+    max_queue: int = key(1000, "messages a node buffers per peer socket, and in its mailbox, before dropping", ge=1)
 
 
 @dataclass

@@ -1,12 +1,17 @@
 """Results of a run: one JSON-lines file per node, appended each round, and a run summary.
 
-Layout of a run folder::
+Layout of a run folder (one per run; every machine of the run writes its own subfolder)::
 
-    node_<uid>.jsonl   one record per round (never rewritten)
-    node_<uid>.log     the node's log
-    summary.json       written once at the end by the launcher
-    config.yaml        the configuration as run (every key)
-    graph.edges        the topology as run
+    summary.json               machine 0, at the end: every node of every machine
+    machine_<id>/
+        run.json               the run's identity: run id, config hash, machine id, machines
+        config.yaml            the configuration as run (every key)
+        graph.edges            the topology as run
+        summary.json           this machine's nodes
+        node_<uid>.jsonl       one record per round (appended, never rewritten)
+        node_<uid>.log         the node's log
+
+`read_run` also reads flat folders (node files directly in the run folder).
 """
 
 from __future__ import annotations
@@ -51,12 +56,29 @@ def read_node_results(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def read_run(run_dir: str | Path) -> dict[int, list[dict[str, Any]]]:
-    """uid → round records, for every node file in `run_dir`."""
-    out = {}
-    for p in sorted(Path(run_dir).glob("node_*.jsonl")):
-        out[int(p.stem.split("_")[1])] = read_node_results(p)
+def machine_dir(run_dir: str | Path, machine_id: int) -> Path:
+    """The subfolder of `run_dir` that machine `machine_id` writes."""
+    return Path(run_dir) / f"machine_{machine_id}"
+
+
+def node_files(run_dir: str | Path) -> dict[int, Path]:
+    """uid → results file, for every node file in `run_dir` and its ``machine_*`` subfolders."""
+    run_dir = Path(run_dir)
+    out: dict[int, Path] = {}
+    for p in sorted([*run_dir.glob("node_*.jsonl"), *run_dir.glob("machine_*/node_*.jsonl")]):
+        try:
+            uid = int(p.stem.split("_")[1])
+        except (IndexError, ValueError):
+            continue
+        if uid in out:
+            raise ValueError(f"{run_dir}: node {uid} has two results files, {out[uid]} and {p}")
+        out[uid] = p
     return out
+
+
+def read_run(run_dir: str | Path) -> dict[int, list[dict[str, Any]]]:
+    """uid → round records, for every node file in `run_dir` (and its machine subfolders)."""
+    return {uid: read_node_results(p) for uid, p in sorted(node_files(run_dir).items())}
 
 
 def final_accuracies(run: dict[int, list[dict[str, Any]]]) -> dict[int, float]:

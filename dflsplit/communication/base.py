@@ -12,8 +12,9 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -43,8 +44,72 @@ class PeerTimeout(CommError, TimeoutError):
         self.peer, self.key, self.timeout = peer, key, timeout
 
 
-class PayloadMismatch(CommError):
+class PayloadRejected(CommError):
+    """A payload refused on arrival: larger than its receiver expects, malformed, with other
+    tensors than expected, or with NaN/inf values. The message names sender, key and reason."""
+
+
+class PayloadMismatch(PayloadRejected):
     """A payload whose tensor names, shapes or dtypes are not what the receiver expects."""
+
+
+class TransportFailed(CommError):
+    """The transport itself broke: a frame handler raised, or a transport thread died. Every
+    later wait raises it at once, with the cause, instead of ending in a timeout."""
+
+
+class DropCounter:
+    """Counts input dropped or rejected per reason, and logs it without flooding.
+
+    The first drop of each reason is logged at once (with its detail); later ones are only
+    counted, and at most one summary line per `interval` seconds says how many of each
+    reason came since the last line. Cheap enough to call from a receive thread for every
+    junk frame.
+    """
+
+    def __init__(self, logger: logging.Logger, who: str, interval: float = 10.0):
+        self.log = logger
+        self.who = who
+        self.interval = interval
+        self.total: Counter[str] = Counter()
+        self._unreported: Counter[str] = Counter()
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def __call__(self, reason: str, detail: str = "") -> None:
+        """Count one drop for `reason`; `detail` is logged only with the first of its reason."""
+        with self._lock:
+            first = reason not in self.total
+            self.total[reason] += 1
+            if not first:
+                self._unreported[reason] += 1
+            now = time.monotonic()
+            due = bool(self._unreported) and now - self._last >= self.interval
+            if due:
+                summary, self._unreported = dict(self._unreported), Counter()
+                self._last = now
+        if first:
+            self.log.warning("%s: dropped input: %s%s (further drops are counted and summarised every %g s)",
+                             self.who, reason, f" ({detail})" if detail else "", self.interval)
+        elif due:
+            self._summarise(summary)
+
+    def flush(self) -> None:
+        """Log the drops not reported yet (call at shutdown)."""
+        with self._lock:
+            summary, self._unreported = dict(self._unreported), Counter()
+            self._last = time.monotonic()
+        if summary:
+            self._summarise(summary)
+
+    def _summarise(self, summary: dict[str, int]) -> None:
+        parts = ", ".join(f"{reason} x{n}" for reason, n in sorted(summary.items()))
+        self.log.warning("%s: dropped input since the last report: %s", self.who, parts)
+
+    def counts(self) -> dict[str, int]:
+        """Drops so far per reason."""
+        with self._lock:
+            return dict(self.total)
 
 
 @dataclass
@@ -57,25 +122,49 @@ class Message:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     nbytes: int = 0
     error: str | None = None  # set when the message could not be delivered; receive raises it
+    rejected: bool = False  # the error is a refused payload: receive raises PayloadRejected
+    round: int | None = None  # the sender's round when it published (None: not stamped)
 
 
 class Mailbox:
-    """Delivered messages waiting to be received, in arrival order."""
+    """Delivered messages waiting to be received, in arrival order, bounded.
 
-    def __init__(self):
+    `put` refuses (returns the reason) a second message for the same (key, sender), a
+    message stamped with a round before the current one (see `expire`), and any message
+    once `max_messages` are waiting. `take` waits for a matching message; `interrupt`
+    makes every waiting and later `take` raise the error it is given.
+    """
+
+    def __init__(self, max_messages: int = 4096):
+        self.max_messages = max_messages
         self._messages: list[Message] = []
+        self._seen: dict[tuple[str, int], int | None] = {}  # (key, sender) → round, until expired
+        self._round = 0
         self._cond = threading.Condition()
+        self._error: BaseException | None = None
 
-    def put(self, message: Message) -> None:
+    def put(self, message: Message) -> str | None:
+        """Queue `message`; returns None, or why it was dropped."""
         with self._cond:
+            ident = (message.key, message.sender)
+            if ident in self._seen:
+                return "duplicate message (same key and sender)"
+            if message.round is not None and message.round < self._round:
+                return "message of a round already past"
+            if len(self._messages) >= self.max_messages:
+                return f"mailbox full ({self.max_messages} messages waiting)"
+            self._seen[ident] = message.round
             self._messages.append(message)
             self._cond.notify_all()
+            return None
 
-    def take(self, match, timeout: float) -> Message | None:
+    def take(self, match: Callable[[Message], bool], timeout: float) -> Message | None:
         """Remove and return the first message for which `match(message)` is true, or None at timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
+                if self._error is not None:
+                    raise self._error
                 for i, m in enumerate(self._messages):
                     if match(m):
                         return self._messages.pop(i)
@@ -83,6 +172,23 @@ class Mailbox:
                 if left <= 0:
                     return None
                 self._cond.wait(left)
+
+    def expire(self, round_: int) -> int:
+        """Enter `round_`: drop waiting messages stamped with an earlier round, and forget the
+        (key, sender) pairs of those rounds; returns how many messages were dropped."""
+        with self._cond:
+            self._round = round_
+            keep = [m for m in self._messages if m.round is None or m.round >= round_]
+            dropped = len(self._messages) - len(keep)
+            self._messages = keep
+            self._seen = {k: r for k, r in self._seen.items() if r is None or r >= round_}
+            return dropped
+
+    def interrupt(self, error: BaseException) -> None:
+        """Make every waiting and later `take` raise `error`."""
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
 
     def __len__(self) -> int:
         with self._cond:
@@ -129,6 +235,45 @@ class Transport(ABC):
         self.uid = uid
         self.mapping = mapping
         self.cfg = cfg
+        self.dropped = DropCounter(log, f"node {uid}")  # frames and messages dropped, per reason
+        self.rejections = DropCounter(log, f"node {uid}")  # payloads refused, per reason
+        self.failure: TransportFailed | None = None
+        self._limits: dict[str, int] = {}
+
+    # failures and limits ---------------------------------------------------------
+    def fail(self, cause: BaseException, where: str) -> None:
+        """The transport broke in `where` (a handler, a thread): every waiting and later
+        receive raises `TransportFailed` naming `where` and the cause. The first failure wins."""
+        if self.failure is not None:
+            return
+        err = TransportFailed(f"node {self.uid}: {where} failed: {type(cause).__name__}: {cause}")
+        err.__cause__ = cause
+        self.failure = err
+        log.error("%s", err, exc_info=(type(cause), cause, cause.__traceback__))
+        self.interrupt(err)
+
+    def interrupt(self, error: BaseException) -> None:
+        """Wake every wait of this transport with `error` (subclasses with waits extend)."""
+
+    def limit_payload(self, prefix: str, max_bytes: int) -> None:
+        """Refuse payloads under keys starting with `prefix` whose size exceeds `max_bytes`
+        (encoded bytes: tensor data plus headers) before they are downloaded. The longest
+        matching prefix applies; keys matching none are capped at
+        ``communication.max_message_bytes``."""
+        self._limits[prefix] = int(max_bytes)
+
+    def payload_limit(self, key: str) -> int:
+        """The most bytes a payload under `key` may have (see `limit_payload`)."""
+        best = None
+        for prefix, limit in self._limits.items():
+            if key.startswith(prefix) and (best is None or len(prefix) > len(best[0])):
+                best = (prefix, limit)
+        return best[1] if best is not None else int(self.cfg.max_message_bytes)
+
+    @property
+    def rejected(self) -> int:
+        """Payloads refused so far (too large, malformed, unexpected tensors, non-finite)."""
+        return sum(self.rejections.counts().values())
 
     @abstractmethod
     def start(self) -> None:
