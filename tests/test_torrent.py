@@ -15,7 +15,7 @@ import pytest
 import torch
 import zmq
 
-from dflsplit.communication import CommError, PayloadMismatch, PeerTimeout, build_transport
+from dflsplit.communication import BindError, CommError, PayloadMismatch, PeerTimeout, build_transport
 from dflsplit.communication.codec import describe, encode
 from dflsplit.communication.torrent import TORRENT, TorrentTransport, piece_size
 from dflsplit.config import CommunicationConfig, section_from_dict
@@ -413,7 +413,7 @@ def test_data_port_in_use_is_named():
         s.bind(("127.0.0.1", mapping.data_port(1)))
         s.listen()
         t = build_transport(1, mapping, config())
-        with pytest.raises(MappingError, match=rf"node 1: cannot bind data port {mapping.data_port(1)}"):
+        with pytest.raises(BindError, match=rf"node 1: cannot bind data port {mapping.data_port(1)}"):
             t.start()
         assert t.spool is None or not t.spool.exists()
 

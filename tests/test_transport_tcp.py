@@ -7,7 +7,7 @@ import pytest
 import torch
 import zmq
 
-from dflsplit.communication import PayloadMismatch, PeerTimeout, build_transport
+from dflsplit.communication import BindError, PayloadMismatch, PeerTimeout, build_transport
 from dflsplit.communication.codec import describe, encode
 from dflsplit.config import CommunicationConfig
 from dflsplit.mappings import LinearMapping, MappingError
@@ -125,7 +125,7 @@ def test_port_in_use_is_an_error_naming_node_and_port(base_port):
     mapping, ts = start_all(1, base_port)
     try:
         other = build_transport(0, mapping, ts[0].cfg)
-        with pytest.raises(MappingError, match=rf"node 0: cannot bind control port {base_port}"):
+        with pytest.raises(BindError, match=rf"node 0: cannot bind control port {base_port}"):
             other.start()
         with pytest.raises(MappingError, match=rf"node 0: port {base_port} .* already in use"):
             mapping.check_ports_free(0)

@@ -4,7 +4,10 @@
 (a `CommunicationConfig`): ``tcp`` (inline on ZeroMQ) or ``torrent`` (BitTorrent).
 """
 
-from .base import TRANSPORTS, CommError, Message, PayloadMismatch, PeerTimeout, Transport
+from .base import (
+    TRANSPORTS, BindError, CommError, Message, PayloadMismatch, PayloadRejected, PeerTimeout, Transport,
+    TransportFailed,
+)
 from .codec import CodecError, decode, encode
 from . import tcp, torrent  # noqa: F401  (register "tcp" and "torrent")
 
@@ -15,6 +18,7 @@ def build_transport(uid: int, mapping, cfg) -> Transport:
 
 
 __all__ = [
-    "TRANSPORTS", "CommError", "Message", "PayloadMismatch", "PeerTimeout", "Transport",
+    "TRANSPORTS", "BindError", "CommError", "Message", "PayloadMismatch", "PayloadRejected", "PeerTimeout",
+    "Transport", "TransportFailed",
     "CodecError", "decode", "encode", "build_transport",
 ]

@@ -44,6 +44,10 @@ class PeerTimeout(CommError, TimeoutError):
         self.peer, self.key, self.timeout = peer, key, timeout
 
 
+class BindError(CommError):
+    """A node cannot bind one of its ports (in use, or an address not of this machine)."""
+
+
 class PayloadRejected(CommError):
     """A payload refused on arrival: larger than its receiver expects, malformed, with other
     tensors than expected, or with NaN/inf values. The message names sender, key and reason."""

@@ -19,8 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import zmq
 
-from ..mappings.linear import MappingError
-from .base import CommError, Mailbox, Message, PeerTimeout, Transport, check_payload
+from .base import BindError, CommError, Mailbox, Message, PayloadRejected, PeerTimeout, Transport, check_payload
 from .codec import CodecError, decode, decode_header, encode, tensor_bytes
 from .keys import CurveKeys
 from .ratelimit import TokenBucket
@@ -28,6 +27,12 @@ from .ratelimit import TokenBucket
 log = logging.getLogger(__name__)
 
 HELLO, ACK, BYE, DATA = b"HELLO", b"ACK", b"BYE", b"DATA"
+
+
+def wire_round(head: Mapping[str, Any]) -> int | None:
+    """The publisher's round stamped in a payload's head (None when absent or not an int)."""
+    r = head.get("r")
+    return r if isinstance(r, int) and not isinstance(r, bool) else None
 
 
 class ControlPlane:
@@ -67,7 +72,7 @@ class ControlPlane:
             if self._auth:
                 self._auth.stop()
             self._ctx.term()
-            raise MappingError(
+            raise BindError(
                 f"node {uid}: cannot bind control port {mapping.control_port(uid)} on "
                 f"{mapping.host(uid)} ({e}); choose another run.base_port"
             ) from None
@@ -134,7 +139,7 @@ class ControlPlane:
             try:
                 sender = int(bytes(ident.buffer))
                 self.mapping.machine_rank(sender)
-            except (ValueError, MappingError):
+            except ValueError:  # MappingError is a ValueError
                 log.warning("node %d: dropped a frame from unknown id %r", self.uid, bytes(ident.buffer)[:32])
                 continue
             if self.keys and kind.get("User-Id") != str(sender):
@@ -181,7 +186,8 @@ class ZmqTransport(Transport):
     def __init__(self, uid: int, mapping, cfg):
         super().__init__(uid, mapping, cfg)
         self.control: ControlPlane | None = None
-        self.mailbox = Mailbox()
+        self.mailbox = Mailbox(cfg.max_queue)
+        self._round = 0  # the node's round (`advance`), stamped on what it publishes
         self._acked: set[int] = set()
         self._bye: set[int] = set()
         self._peers: set[int] = set()
@@ -243,10 +249,25 @@ class ZmqTransport(Transport):
         to: Sequence[int],
         header: Mapping[str, Any] | None = None,
     ) -> None:
-        body = encode({"key": key, "h": dict(header or {})}, tensors)
+        body = encode(self.wire_head(key, header), tensors)
         for peer in to:
             self.control.send(peer, DATA, body)
         self.count_payload(sent=tensor_bytes(tensors) * len(to))
+
+    def wire_head(self, key: str, header: Mapping[str, Any] | None, **more: Any) -> dict[str, Any]:
+        """The JSON head of a published payload: key, the caller's header, this node's round."""
+        return {"key": key, "h": dict(header or {}), "r": self._round, **more}
+
+    def advance(self, round_: int) -> None:
+        """Enter `round_`: messages of earlier rounds are dropped from the mailbox (and refused
+        when they arrive later)."""
+        self._round = round_
+        dropped = self.mailbox.expire(round_)
+        for _ in range(dropped):
+            self.dropped("message of a round already past")
+
+    def interrupt(self, error: BaseException) -> None:
+        self.mailbox.interrupt(error)
 
     # receiving -------------------------------------------------------------------
     def _on_frame(self, sender: int, kind: bytes, body: memoryview) -> None:
@@ -257,7 +278,8 @@ class ZmqTransport(Transport):
                 log.warning("node %d: malformed DATA frame from node %d: %s", self.uid, sender, e)
                 return
             self.count_payload(received=tensor_bytes(tensors))
-            self.deliver(Message(sender, str(head.get("key")), head.get("h") or {}, tensors, len(body)))
+            self.deliver(Message(sender, str(head.get("key")), head.get("h") or {}, tensors, len(body),
+                                 round=wire_round(head)))
         elif kind == HELLO:
             self.control.send(sender, ACK, encode({"uid": self.uid}))
         elif kind in (ACK, BYE):
@@ -276,8 +298,11 @@ class ZmqTransport(Transport):
         log.warning("node %d: dropped unknown frame kind %r from node %d (%s)", self.uid, kind, sender, head)
 
     def deliver(self, message: Message) -> None:
-        """Hand a complete message to whoever receives it."""
-        self.mailbox.put(message)
+        """Hand a complete message to whoever receives it (dropped and counted when it is a
+        duplicate, of a round already past, or the mailbox is full)."""
+        reason = self.mailbox.put(message)
+        if reason is not None:
+            self.dropped(reason, f"{message.key!r} from node {message.sender}")
 
     def receive(
         self,
@@ -291,7 +316,7 @@ class ZmqTransport(Transport):
         if m is None:
             raise PeerTimeout(sender, key, timeout, self.uid, detail=self.timeout_detail(key, sender))
         if m.error is not None:
-            raise CommError(m.error)
+            raise (PayloadRejected if m.rejected else CommError)(m.error)
         if expect is not None:
             check_payload(m, expect)
         return m
@@ -302,7 +327,7 @@ class ZmqTransport(Transport):
         if m is None:
             raise PeerTimeout(sorted(self._peers), prefix + "*", timeout, self.uid)
         if m.error is not None:
-            raise CommError(m.error)
+            raise (PayloadRejected if m.rejected else CommError)(m.error)
         return m
 
     def timeout_detail(self, key: str, sender: int) -> str:

@@ -56,11 +56,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from ..mappings.linear import MappingError
 from ..registry import key
-from .base import TRANSPORTS, CommError, Message
+from .base import TRANSPORTS, BindError, CommError, Message
 from .codec import CodecError, decode, encode, tensor_bytes
-from .control import DATA, ZmqTransport
+from .control import DATA, ZmqTransport, wire_round
 from .torrent_sockets import set_nodelay
 
 log = logging.getLogger(__name__)
@@ -261,6 +260,7 @@ class _Torrent:
     delivered: bool = False
     verify_failures: int = 0
     added: float = field(default_factory=time.monotonic)
+    sent_round: int | None = None  # the publisher's round stamp
 
 
 @dataclass
@@ -347,7 +347,7 @@ class TorrentTransport(ZmqTransport):
             self.session.wait_for_alert(100)
             for a in self.session.pop_alerts():
                 if isinstance(a, lt.listen_failed_alert):
-                    raise MappingError(
+                    raise BindError(
                         f"node {self.uid}: cannot bind data port {port} on {host} ({a.message()}); "
                         f"choose another run.base_port"
                     )
@@ -357,7 +357,7 @@ class TorrentTransport(ZmqTransport):
                 continue
             break
         else:
-            raise MappingError(f"node {self.uid}: libtorrent did not start listening on {host}:{port} within 10 s")
+            raise BindError(f"node {self.uid}: libtorrent did not start listening on {host}:{port} within 10 s")
         # rate limits apply to peers on the LAN too (by default they are in an unlimited class)
         classes = lt.ip_filter()
         everyone = 1 << lt.session.global_peer_class_id
@@ -411,7 +411,7 @@ class TorrentTransport(ZmqTransport):
             try:
                 self._addresses[uid] = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
             except socket.gaierror as e:
-                raise MappingError(f"node {uid}: cannot resolve host {host!r}: {e}") from None
+                raise BindError(f"node {uid}: cannot resolve host {host!r}: {e}") from None
         return self._addresses[uid]
 
     @staticmethod
@@ -452,20 +452,15 @@ class TorrentTransport(ZmqTransport):
         if not to:
             return
         if tensor_bytes(tensors) < self.cfg.small_payload_bytes:
-            body = encode({"key": key, "h": dict(header or {})}, tensors)
+            body = encode(self.wire_head(key, header), tensors)
             for peer in to:
                 self.control.send(peer, DATA, body)
             self.count_payload(sent=tensor_bytes(tensors) * len(to))
             return
         t, meta = self._seed(key, tensors)
         t.header, t.peers = dict(header or {}), to
-        head = {
-            "key": key,
-            "h": t.header,
-            "peers": to,
-            "addrs": {str(p): list(self._endpoint(p)) for p in [self.uid, *to]},
-            "size": t.info.total_size(),
-        }
+        head = self.wire_head(key, t.header, peers=to, size=t.info.total_size(),
+                              addrs={str(p): list(self._endpoint(p)) for p in [self.uid, *to]})
         body = encode(head, {"torrent": torch.frombuffer(bytearray(meta), dtype=torch.uint8)})
         if not t.ready.wait(5):
             log.warning("node %d: torrent for %r not seeding after 5 s; announcing anyway", self.uid, key)
@@ -543,7 +538,7 @@ class TorrentTransport(ZmqTransport):
             if info.num_files() != 1 or "/" in info.name() or info.name().startswith("."):
                 raise ValueError(f"expected one plain file, got {info.num_files()} ({info.name()!r})")
         except (RuntimeError, ValueError) as e:
-            self.deliver(Message(sender, key, header, error=(
+            self.deliver(Message(sender, key, header, round=wire_round(head), error=(
                 f"node {self.uid}: torrent metadata for {key!r} from node {sender} rejected: {e}")))
             return
         peers = [sender]
@@ -553,7 +548,7 @@ class TorrentTransport(ZmqTransport):
         folder = self.spool / "in" / str(next(self._seq))
         folder.mkdir(parents=True)
         t = _Torrent(key, sender, folder, folder / info.name(), info, self._round, outgoing=False,
-                     header=header, peers=peers)
+                     header=header, peers=peers, sent_round=wire_round(head))
         receivers = [p for p in head.get("peers") or [] if isinstance(p, int)]
         if self.uid in receivers and len(receivers) > 1:
             t.stripe = (receivers.index(self.uid), len(receivers))
@@ -739,7 +734,7 @@ class TorrentTransport(ZmqTransport):
             return
         with self._lock:
             t.delivered, t.busy = True, False
-        self.deliver(Message(t.sender, t.key, t.header, tensors, t.info.total_size()))
+        self.deliver(Message(t.sender, t.key, t.header, tensors, t.info.total_size(), round=t.sent_round))
 
     def _fail(self, t: _Torrent, error: str) -> None:
         with self._lock:
@@ -747,12 +742,12 @@ class TorrentTransport(ZmqTransport):
                 return
             t.delivered, t.busy = True, False
         log.warning("%s", error)
-        self.deliver(Message(t.sender, t.key, t.header, error=error))
+        self.deliver(Message(t.sender, t.key, t.header, error=error, round=t.sent_round))
 
     # retention -------------------------------------------------------------------
     def advance(self, round_: int) -> None:
         """Enter `round_`: remove every torrent (and its file) older than `retention_rounds`."""
-        self._round = round_
+        super().advance(round_)
         with self._lock:
             old = [t for t in self._torrents.values() if round_ - t.round > self.cfg.retention_rounds]
         for t in old:
