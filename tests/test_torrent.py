@@ -11,17 +11,24 @@ import sys
 import time
 from pathlib import Path
 
+import libtorrent as lt
 import pytest
 import torch
 import zmq
 
-from dflsplit.communication import BindError, CommError, PayloadMismatch, PeerTimeout, build_transport
+from dflsplit.communication import (
+    BindError, CommError, PayloadMismatch, PayloadRejected, PeerTimeout, TransportFailed, build_transport,
+)
+from dflsplit.communication import torrent as torrent_module
 from dflsplit.communication.codec import describe, encode
-from dflsplit.communication.torrent import TORRENT, TorrentTransport, piece_size
+from dflsplit.communication.torrent import TORRENT, TorrentTransport, default_spool_parent, piece_size
+from dflsplit.communication.torrent_receiver import Receiver
+from dflsplit.communication.torrent_settings import rate_limited_everywhere
 from dflsplit.config import CommunicationConfig, section_from_dict
-from dflsplit.mappings import LinearMapping, MappingError
+from dflsplit.mappings import LinearMapping
 
 from conftest import in_parallel, next_base_port
+from test_torrent_receiver import frame, torrent_bytes
 
 MB = 1 << 20
 
@@ -120,12 +127,11 @@ def test_one_to_eight_receivers_swarm():
     size = 8 * MB
     x = payload(size, seed=1)
     # the publisher's upload is the bottleneck, so receivers fetch from each other
+    # (the time it takes, against 8 copies at the cap: eval/bench/transport_checks.py)
     with cluster(9, per_node={0: {"upload_limit": 8 * MB}}) as ts:
-        t0 = time.monotonic()
         ts[0].publish("model/0", {"w": x}, to=list(range(1, 9)))
         for r in range(1, 9):
             assert torch.equal(ts[r].receive("model/0", 0, timeout=30).tensors["w"], x)
-        elapsed = time.monotonic() - t0
         publisher_up = sum(up for up, _ in ts[0].peer_bytes().values())
         from_co_receivers = sum(
             down for r in range(1, 9) for who, (_, down) in ts[r].peer_bytes().items() if who != 0
@@ -137,41 +143,32 @@ def test_one_to_eight_receivers_swarm():
     assert to_co_receivers == from_co_receivers  # both ends of each exchange counted the same
     assert publisher_up < 4 * size  # not 8 × size: the receivers served the rest
     assert publisher_up + from_co_receivers >= 8 * size
-    assert elapsed < 8 * size / (8 * MB)  # faster than sending 8 copies at the capped rate
 
 
 # --- rate limits ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("transport", ["torrent", "tcp"])
 @pytest.mark.parametrize("side", ["upload", "download"])
-def test_rate_limits_are_respected(transport, side):
-    rate, size = 4 * MB, 8 * MB
-    x = payload(size, seed=2)
+def test_rate_limits_are_applied_to_lan_peers(side):
+    """The limit is libtorrent's, on the node that has it only, and applies to peers on the
+    LAN and loopback too (whether the rate is met: eval/bench/transport_checks.py)."""
+    rate = 4 * MB
+    x = payload(MB, seed=2)
     node = 0 if side == "upload" else 1
-
-    def transfer_seconds(limits):
-        with cluster(2, per_node={node: limits}, name=transport) as ts:
-            t0 = time.monotonic()
-            ts[0].publish("model/0", {"w": x}, to=[1])
-            m = ts[1].receive("model/0", 0, timeout=30)
-            elapsed = time.monotonic() - t0
-        assert torch.equal(m.tensors["w"], x)
-        return elapsed
-
-    # the time the link takes: a limited transfer less the same transfer unlimited
-    # (encoding, hashing, connecting and decoding take the same time in both)
-    expected = size / rate
-    links = []
-    for _ in range(3):
-        link = transfer_seconds({f"{side}_limit": rate}) - transfer_seconds({})
-        links.append(link)
-        # never faster than the limit allows, on any attempt
-        assert link >= 0.85 * expected, f"{link:.2f} s for {expected:.2f} s of data"
-        if link <= 1.15 * expected:
-            break
-    # and not slower either: a stall of the busy CI machine may slow one attempt, not three
-    assert min(links) <= 1.15 * expected, f"{[round(x, 2) for x in links]} s for {expected:.2f} s of data"
+    with cluster(2, per_node={node: {f"{side}_limit": rate}}) as ts:
+        for t in ts.values():
+            settings = t.session.get_settings()
+            limited = rate if t.uid == node else 0
+            assert settings[f"{side}_rate_limit"] == limited
+            assert t.session.get_peer_class(lt.session.global_peer_class_id)[f"{side}_limit"] == limited
+        ts[0].publish("model/0", {"w": x}, to=[1])
+        assert torch.equal(ts[1].receive("model/0", 0).tensors["w"], x)
+        assert ts[1].peer_bytes()[0][1] >= MB
+    # every address is in the global peer class, whose limits are the session's (by
+    # default loopback and LAN addresses are in the unlimited "local" class)
+    classes = rate_limited_everywhere()
+    for ip in ("127.0.0.1", "127.0.0.2", "10.0.0.7", "192.168.1.1", "::1"):
+        assert classes.access(ip) == 1 << lt.session.global_peer_class_id
 
 
 # --- failures ---------------------------------------------------------------------------
@@ -274,16 +271,14 @@ def test_killed_publisher_ends_in_a_peer_timeout(tmp_path):
             errors = {}
 
             def receive(r):
-                t0 = time.monotonic()
                 try:
                     r.receive("model/0", 0, timeout=2)
                 except PeerTimeout as e:
-                    errors[r.uid] = (e, time.monotonic() - t0)
+                    errors[r.uid] = e
 
             in_parallel([lambda r=r: receive(r) for r in rs])
             assert sorted(errors) == [1, 2]
-            for e, waited in errors.values():
-                assert waited < 3
+            for e in errors.values():
                 assert "'model/0'" in str(e) and "node 0" in str(e) and "announced" in str(e)
                 assert e.peer == 0 and e.key == "model/0"
         finally:
@@ -356,7 +351,7 @@ def test_retired_keys_leave_nothing_and_close_leaves_nothing():
                 assert len(files_under(t.spool)) == len(kept), (r, files_under(t.spool))
                 assert [k for k in range(r + 1) if t.progress(f"model/{k}", 0)] == kept
         spools = [t.spool for t in ts.values()]
-        assert all(p.parent == Path("/dev/shm") for p in spools)
+        assert all(p.parent == default_spool_parent(None) for p in spools)  # /dev/shm when writable
     assert not any(p.exists() for p in spools)
 
 
@@ -418,12 +413,102 @@ def test_data_port_in_use_is_named():
         assert t.spool is None or not t.spool.exists()
 
 
-def test_malformed_torrent_metadata_is_an_error_naming_sender_and_key():
+def test_malformed_announcements_are_dropped_and_named_in_the_timeout():
     with cluster(2) as ts:
-        frame = encode({"key": "model/0", "h": {}, "peers": [1]}, {"torrent": torch.arange(50, dtype=torch.uint8)})
-        ts[0].control.send(1, TORRENT, frame)
-        with pytest.raises(CommError, match=r"torrent metadata for 'model/0' from node 0 rejected"):
-            ts[1].receive("model/0", 0, timeout=5)
+        bad = {
+            "model/0": frame({"key": "model/0"}, meta=bytes(range(50))),  # not bencoded
+            "model/1": frame({"key": "model/1", "size": 99}),  # disagrees with the torrent
+            "model/2": frame({"key": "model/2"}, meta=torrent_bytes(  # two files
+                name=b"d", files=[{b"length": 50, b"path": [b"a"]}, {b"length": 50, b"path": [b"b"]}])),
+            "model/3": frame({"key": "model/3"}, meta=torrent_bytes(name=b"../x")),  # a path trick
+        }
+        for body in bad.values():
+            ts[0].control.send(1, TORRENT, body)
+        ts[0].control.send(1, TORRENT, frame({"key": 7}))  # no key at all
+        x = payload(MB)
+        ts[0].publish("model/4", {"w": x}, to=[1])  # after them on the same socket
+        assert torch.equal(ts[1].receive("model/4", 0).tensors["w"], x)
+        assert ts[1].dropped.counts() == {"malformed TORRENT frame": 5}
+        assert ts[1].failure is None and ts[1].rejected == 0
+        for key, reason in [("model/0", "torrent metadata rejected"), ("model/1", "announced size 99 bytes"),
+                            ("model/2", "2 files"), ("model/3", "not a plain file name")]:
+            with pytest.raises(PeerTimeout, match=rf"no '{key}' from node 0 .*announcement was dropped: .*{reason}"):
+                ts[1].receive(key, 0, timeout=0.2)
+        assert len(files_under(ts[1].spool / "in")) == 1  # model/4 only
+
+
+@pytest.mark.parametrize("limit_by", ["limit_payload", "max_message_bytes"])
+def test_torrent_larger_than_expected_is_refused_before_any_piece(limit_by):
+    limit = 64 * 1024
+    per_node = {1: {"max_message_bytes": limit}} if limit_by == "max_message_bytes" else {}
+    with cluster(2, per_node=per_node) as ts:
+        if limit_by == "limit_payload":
+            ts[1].limit_payload("model/", limit)
+        x = payload(MB)
+        ts[0].publish("model/0", {"w": x}, to=[1])
+        size = ts[0].progress("model/0", 0)["total"]
+        with pytest.raises(PayloadRejected, match=rf"node 1: torrent for 'model/0' from node 0 holds {size} bytes, "
+                                                  rf"larger than the {limit} bytes expected"):
+            ts[1].receive("model/0", 0)  # at once, not at the timeout
+        assert ts[1].rejected == 1 and ts[1].rejections.counts() == {"torrent larger than expected": 1}
+        assert ts[1].payload_bytes_received == 0  # libtorrent's own counter
+        assert ts[1].progress("model/0", 0) is None  # never in the session
+        assert files_under(ts[1].spool / "in") == []
+        assert ts[0].peer_bytes().get(1, (0, 0)) == (0, 0)
+        small = torch.randn(1000)  # a payload within the limit still arrives
+        ts[0].publish("model/1", {"w": small}, to=[1])
+        assert torch.equal(ts[1].receive("model/1", 0).tensors["w"], small)
+
+
+# --- errors surface -------------------------------------------------------------------------
+
+
+def test_an_alert_handler_that_raises_fails_the_node_with_its_cause(monkeypatch):
+    def broken(self, t, old):
+        raise RuntimeError("flush handler broke")
+
+    monkeypatch.setattr(Receiver, "_enter_flushing", broken)
+    with cluster(2) as ts:
+        ts[0].publish("model/0", {"w": payload(MB)}, to=[1])
+        with pytest.raises(TransportFailed, match=r"node 1: torrent alert handler \(\w+\) failed: "
+                                                  r"RuntimeError: flush handler broke") as e:
+            ts[1].receive("model/0", 0, timeout=60)  # not a PeerTimeout after 60 s
+        assert isinstance(e.value.__cause__, RuntimeError)
+        with pytest.raises(TransportFailed):  # and every later receive
+            ts[1].receive("model/1", 0, timeout=60)
+
+
+def test_a_verify_worker_that_raises_fails_the_node_with_its_cause(monkeypatch):
+    def broken(path, info, key):
+        raise MemoryError("no room to decode")
+
+    monkeypatch.setattr(torrent_module, "verify_payload", broken)
+    with cluster(2) as ts:
+        ts[0].publish("model/0", {"w": payload(MB)}, to=[1])
+        with pytest.raises(TransportFailed, match=r"node 1: torrent verify worker failed: MemoryError: no room"):
+            ts[1].receive("model/0", 0, timeout=60)
+
+
+def test_the_alert_thread_dying_fails_the_node_with_its_cause():
+    with cluster(2) as ts:
+        def broken():
+            raise OSError("wake pipe gone")
+
+        ts[1]._drain_wake = broken
+        ts[1]._wake()
+        with pytest.raises(TransportFailed, match=r"node 1: torrent alert thread failed: OSError: wake pipe gone"):
+            ts[1].receive("model/0", 0, timeout=60)
+        with pytest.raises(TransportFailed):  # what needs the thread fails at once too
+            ts[1].advance(1)
+
+
+def test_a_host_that_does_not_resolve_is_named_at_start():
+    mapping = LinearMapping(2, 1, {0: "127.0.0.1", 1: "no-such-host.invalid"}, next_base_port(2))
+    t = build_transport(0, mapping, config())
+    with pytest.raises(CommError, match=r"node 0: cannot resolve host 'no-such-host.invalid' of machine 1 "
+                                        r"\(run.ip_file\): .+"):
+        t.start()
+    assert t.spool is None and t.control is None  # nothing was made
 
 
 # --- a whole run ------------------------------------------------------------------------

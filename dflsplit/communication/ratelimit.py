@@ -12,7 +12,8 @@ class TokenBucket:
     `rate=0` means unlimited. The bucket holds at most `burst` bytes (default: 50 ms
     of traffic, at least 64 KiB), so an idle link does not bank a long burst.
     A consume larger than the bucket borrows against the future: the call returns
-    when the bytes would have passed at the configured rate.
+    when the bytes would have passed at the configured rate. `passed` counts the bytes
+    that went through a limited bucket.
     """
 
     def __init__(self, rate: float, burst: float | None = None):
@@ -21,12 +22,14 @@ class TokenBucket:
         self._tokens = self.capacity
         self._stamp = time.monotonic()
         self._lock = threading.Lock()
+        self.passed = 0
 
     def consume(self, nbytes: int) -> float:
         """Take `nbytes`, sleeping as needed; returns the seconds slept."""
         if self.rate <= 0 or nbytes <= 0:
             return 0.0
         with self._lock:
+            self.passed += nbytes
             now = time.monotonic()
             self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
             self._stamp = now
