@@ -1,7 +1,13 @@
+import io
+import pickle
+from pathlib import Path
+
 import pytest
 import torch
 
-from dflsplit.communication.codec import CodecError, decode, encode
+from dflsplit.communication import CommError
+from dflsplit.communication.codec import CodecError, decode, decode_tensors, encode
+from dflsplit.communication.control import DATA
 
 
 def test_round_trip_dtypes_shapes_and_empty():
@@ -52,9 +58,75 @@ def test_malformed_frames_are_rejected():
         decode(b"")
 
 
-def test_nothing_is_unpickled():
-    import pickle
+class Trap:
+    """Unpickling this creates the file `path`: the visible side effect of a pickle run."""
 
-    payload = pickle.dumps({"w": torch.randn(3)})
-    with pytest.raises(CodecError):
-        decode(b"DFL1" + len(b"{}").to_bytes(4, "little") + b"{}" + payload)
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def pickles(path: Path) -> dict[str, bytes]:
+    """A plain pickle and a torch.save archive, each of which creates `path` when loaded."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(3), "trap": Trap(path)}, buf)
+    return {"pickle": pickle.dumps({"w": torch.zeros(3), "trap": Trap(path)}), "torch.save": buf.getvalue()}
+
+
+def test_the_trap_springs_when_unpickled(tmp_path):
+    """The control of the tests below: loading these payloads does create the file."""
+    sprung = tmp_path / "sprung"
+    blobs = pickles(sprung)
+    pickle.loads(blobs["pickle"])
+    assert sprung.exists()
+    sprung.unlink()
+    torch.load(io.BytesIO(blobs["torch.save"]), weights_only=False)
+    assert sprung.exists()
+
+
+def test_nothing_is_unpickled_by_the_codec(tmp_path):
+    sprung = tmp_path / "sprung"
+    for kind, blob in pickles(sprung).items():
+        with pytest.raises(CodecError):
+            decode(b"DFL1" + len(b"{}").to_bytes(4, "little") + b"{}" + blob)
+        with pytest.raises(CodecError):
+            decode(blob)
+        with pytest.raises(CodecError):
+            decode_tensors(blob)
+    assert not sprung.exists()
+
+
+def test_nothing_is_unpickled_from_a_data_frame(tmp_path, base_port):
+    from test_transport_tcp import close_all, connect_full, start_all
+
+    sprung = tmp_path / "sprung"
+    _, ts = start_all(2, base_port)
+    try:
+        connect_full(ts)
+        for kind, blob in pickles(sprung).items():
+            ts[0].control.send(1, DATA, b"DFL1" + len(b'{"key":"k"}').to_bytes(4, "little") + b'{"key":"k"}' + blob)
+            ts[0].control.send(1, DATA, blob)
+        ts[0].publish("ok", {"x": torch.ones(2)}, to=[1])  # after the traps on the same socket
+        assert ts[1].receive("ok", 0).key == "ok"
+        assert len(ts[1].mailbox) == 0
+    finally:
+        close_all(ts)
+    assert not sprung.exists()
+
+
+def test_nothing_is_unpickled_from_a_torrent_payload(tmp_path):
+    from dflsplit.communication.torrent_wire import TORRENT, announcement_body
+    from test_torrent import cluster
+
+    sprung = tmp_path / "sprung"
+    with cluster(2) as ts:
+        for kind, blob in pickles(sprung).items():
+            key = f"trap/{kind}"
+            t, meta = ts[0]._seed(key, blob, [1])  # the payload file is the pickle
+            ts[0].control.send(1, TORRENT, announcement_body(ts[0].wire_head(key, {}), meta, [1], len(blob)))
+            with pytest.raises(CommError, match=rf"payload '{key}' from node 0 is not valid safetensors"):
+                ts[1].receive(key, 0)
+            assert ts[1].progress(key, 0)["seeding"]  # it was downloaded whole, then refused
+    assert not sprung.exists()
