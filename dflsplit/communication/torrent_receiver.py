@@ -25,8 +25,10 @@ RESTARTING     the publisher was banned (for pieces co-receivers spoiled): remov
 DELIVERED      message delivered; the torrent keeps seeding until retired
 FAILED         an error delivered (torrent or file error, bad file after retries,
                not safetensors, wrong key); kept until retired
-RETIRED        removed from the session and the disk (retention, close)
+RETIRED        older than ``retention_rounds``: removed from the session and the disk
 =============  ==================================================================
+
+`close` needs no transition: it destroys the session and removes the whole spool.
 """
 
 from __future__ import annotations
@@ -236,10 +238,11 @@ def verify_payload(path: Path, info: lt.torrent_info, key: str) -> Verdict:
 class Receiver:
     """Drives every `Incoming` of one transport; call only on the transport's alert thread.
 
-    Of its transport (`host`) it uses: `uid`, `session`, `new_incoming_folder()`,
-    `register(t)`, `forget(t)` (drop from the registry, the session and the disk),
-    `endpoint(uid)`, `payload_limit(key)`, `deliver`, `rejections`, `dropped`,
-    `verify_in_background(t)`, and the counters `verify_failures`.
+    Of its transport (`host`) it uses: `uid`, `mapping`, `current_round`, `known(info_hash)`,
+    `register(t)`, `new_incoming_folder()`, `add_to_session(t, params)`,
+    `remove_from_session(t)` (keeping the file), `forget(t)` (out of the registry, the
+    session and the disk), `endpoint(uid)`, `payload_limit(key)`, `deliver`,
+    `rejections`, `dropped`, `verify_in_background(t)` and the counter `verify_failures`.
     """
 
     def __init__(self, host: "TorrentTransport"):
