@@ -77,7 +77,7 @@ def _add_plot(sub) -> None:
 
 
 def _add_generate_graph(sub) -> None:
-    from .graphs.cli import add_generate_graph_arguments, run_generate_graph
+    from .cli_graph import add_generate_graph_arguments, run_generate_graph
 
     p = sub.add_parser("generate-graph", help="write a topology file (.edges or .adj)",
                        description="Generate a topology and write it in decentralizepy's .edges or .adj format.")
@@ -86,7 +86,7 @@ def _add_generate_graph(sub) -> None:
 
 
 def _add_stages(sub) -> None:
-    from .mappings.stages_cli import add_stages_arguments, run_stages
+    from .cli_stages import add_stages_arguments, run_stages
 
     p = sub.add_parser("stages", help="check a split-learning stage configuration and show its edges",
                        description="Validate a stage configuration (.py, .env or dflsplit .yaml) and print "

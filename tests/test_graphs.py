@@ -12,6 +12,7 @@ import pytest
 from dflsplit.config import ConfigError, load_config
 from dflsplit.graphs import (
     GRAPH_TYPES,
+    MIXING_WEIGHTS,
     Graph,
     GraphFormatError,
     graph_from_config,
@@ -21,7 +22,7 @@ from dflsplit.graphs import (
     uniform_weights,
     weights_matrix,
 )
-from dflsplit.graphs.cli import generate_graph_main
+from dflsplit.cli_graph import generate_graph_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -298,7 +299,7 @@ def test_metropolis_hastings_weights(graph):
             assert w[i][j] == pytest.approx(1 / (1 + max(graph.degree(i), graph.degree(j))))
     if graph.is_connected():
         assert spectral_gap(w) > 0
-    assert graph.mixing_weights() == w
+    assert MIXING_WEIGHTS.get("metropolis_hastings")(graph) == w
 
 
 def test_metropolis_hastings_on_a_path():
@@ -314,7 +315,7 @@ def test_uniform_weights():
     assert w[3] == pytest.approx({0: 0.5, 3: 0.5})
     m = weights_matrix(w)
     assert abs(m.sum(axis=1) - 1).max() < 1e-12 and (m >= 0).all()
-    assert g.mixing_weights("uniform") == w
+    assert MIXING_WEIGHTS.get("uniform")(g) == w
 
 
 # --- config ----------------------------------------------------------------------------------

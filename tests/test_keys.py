@@ -86,9 +86,25 @@ def test_only_the_run_keys_and_the_matching_id_get_through(keys, tmp_path):
         assert ts[1].receive("ok", 0).sender == 0
         with pytest.raises(PeerTimeout):
             ts[1].receive_any(timeout=1.0, prefix="evil")
-        # node 2's key is good for node 2's own id (3-node mapping, node 2 not started)
-        socks.append(send_raw(ctx, address, b"2", server_key, node2))
-        assert ts[1].receive("evil", 2, timeout=5).sender == 2
+        assert ts[1].dropped.counts()["frame from a connection that is not an authenticated node"] >= 1
+        # a HELLO with node 2's key claiming to be node 0 is dropped before it is answered
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 1000)
+        s.curve_publickey, s.curve_secretkey = node2
+        s.curve_serverkey = server_key
+        s.connect(address)
+        s.send_multipart([b"HELLO", encode({"uid": 0, "session": "x", "nonce": "y", "run": "", "config": ""})])
+        socks.append(s)
+        # node 2's key is good for node 2's own id: node 2 joins and its payload gets through
+        node_2 = build_transport(2, mapping, ts[0].cfg)
+        node_2.start()
+        try:
+            in_parallel([lambda: node_2.connect([1]), lambda: ts[1].connect([2])], timeout=20)
+            node_2.publish("fine", {"x": torch.ones(3)}, to=[1])
+            assert ts[1].receive("fine", 2, timeout=5).sender == 2
+            assert ts[1].dropped.counts()["frame whose CURVE key is not its node's"] >= 1
+        finally:
+            in_parallel([lambda: node_2.close(timeout=5)], timeout=20)
     finally:
         for s in socks:
             s.close(0)

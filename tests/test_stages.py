@@ -23,7 +23,7 @@ from dflsplit.mappings.stages import (
     validate,
     write_config_yaml,
 )
-from dflsplit.mappings.stages_cli import model_partitions, stages_main
+from dflsplit.cli_stages import model_partitions, stages_main
 
 from stage_examples import ALL_LOCAL, EXAMPLE
 

@@ -12,9 +12,12 @@ from .codec import CodecError, decode, encode
 from . import tcp, torrent  # noqa: F401  (register "tcp" and "torrent")
 
 
-def build_transport(uid: int, mapping, cfg) -> Transport:
-    """The transport `cfg.name` for node `uid` (not yet started)."""
-    return TRANSPORTS.get(cfg.name)(uid, mapping, cfg)
+def build_transport(uid: int, mapping, cfg, identity: dict | None = None) -> Transport:
+    """The transport `cfg.name` for node `uid` (not yet started). `identity` (the run id and
+    config hash) must match the peers' for their handshake to succeed."""
+    transport = TRANSPORTS.get(cfg.name)(uid, mapping, cfg)
+    transport.identity = dict(identity or {})
+    return transport
 
 
 __all__ = [

@@ -125,12 +125,6 @@ class Graph:
             return None
         return nx.diameter(self.to_networkx()) if self.n > 1 else 0
 
-    def mixing_weights(self, scheme: str = "metropolis_hastings") -> list[dict[int, float]]:
-        """Row i maps i and each neighbour to its averaging weight (see ``graphs.mixing``)."""
-        from .mixing import MIXING_WEIGHTS
-
-        return MIXING_WEIGHTS.get(scheme)(self)
-
     # --- networkx --------------------------------------------------------------------
 
     def to_networkx(self) -> nx.Graph:

@@ -608,15 +608,20 @@ def _yaml_configs(path: Path) -> list[tuple[str, Any]]:
         raise StageConfigError(f"{path}: not valid YAML: {e}") from None
     if isinstance(data, list):
         return [(str(path), data)]
-    if isinstance(data, dict):
-        from dflsplit.config import ConfigError, load_config
-
-        try:
-            cfg = load_config(path)
-        except ConfigError as e:
-            raise StageConfigError(str(e)) from None
-        rows, where = stages_from_config(cfg)
-        return [(where, rows)]
+    if isinstance(data, dict):  # a dflsplit config: its split section (the rest is not this layer's)
+        split = data.get("split") if isinstance(data.get("split"), dict) else {}
+        if split.get("stages") is not None:
+            return [(f"{path}: split.stages", split["stages"])]
+        if isinstance(split.get("stages_file"), str):
+            inner = Path(os.path.expanduser(split["stages_file"]))
+            inner = inner if inner.is_absolute() else path.parent / inner
+            index = split.get("stages_index", 0)
+            if not isinstance(index, int) or inner.resolve() == path.resolve():
+                raise StageConfigError(f"{path}: section 'split': key 'stages_index' must be an integer and "
+                                       f"'stages_file' another file")
+            return [_select(_configs_in_file(inner), inner, index)[::-1]]
+        raise StageConfigError(f"{path}: a config without 'split.stages' or 'split.stages_file'; a stage "
+                               f"configuration file holds a list of rows or a config with split.stages")
     raise StageConfigError(f"{path}: expected a list of rows or a dflsplit config with split.stages")
 
 

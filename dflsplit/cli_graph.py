@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
-from .generators import GRAPH_TYPES, make_graph
-from .graph import SUFFIXES, Graph
+from .graphs.generators import GRAPH_TYPES, make_graph
+from .graphs.graph import SUFFIXES, Graph
 
 DESCRIPTION = """\
 Generate a connected topology and write it in decentralizepy's formats:

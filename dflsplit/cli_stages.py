@@ -173,7 +173,7 @@ def _has_partitions(name: str) -> bool:
 
 
 def stages_main(argv: Optional[list[str]] = None) -> int:
-    """Entry point: ``python -m dflsplit.mappings.stages_cli FILE ...``."""
+    """Entry point: ``python -m dflsplit.cli_stages FILE ...``."""
     parser = argparse.ArgumentParser(prog="dflsplit stages", description=__doc__.split("\n\n")[0])
     add_stages_arguments(parser)
     return run_stages(parser.parse_args(argv))
