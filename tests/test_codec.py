@@ -1,11 +1,13 @@
 import io
+import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from dflsplit.communication import CommError
+from dflsplit.communication import CommError, PayloadRejected
 from dflsplit.communication.codec import CodecError, decode, decode_tensors, encode
 from dflsplit.communication.control import DATA
 
@@ -106,10 +108,14 @@ def test_nothing_is_unpickled_from_a_data_frame(tmp_path, base_port):
     try:
         connect_full(ts)
         for kind, blob in pickles(sprung).items():
-            ts[0].control.send(1, DATA, b"DFL1" + len(b'{"key":"k"}').to_bytes(4, "little") + b'{"key":"k"}' + blob)
-            ts[0].control.send(1, DATA, blob)
+            head = json.dumps({"key": f"trap/{kind}", "h": {}}).encode()
+            ts[0].control.send(1, DATA, b"DFL1" + len(head).to_bytes(4, "little") + head + blob)
+            ts[0].control.send(1, DATA, blob)  # not even a codec message
         ts[0].publish("ok", {"x": torch.ones(2)}, to=[1])  # after the traps on the same socket
         assert ts[1].receive("ok", 0).key == "ok"
+        for kind in pickles(sprung):
+            with pytest.raises(PayloadRejected, match=rf"'trap/{re.escape(kind)}' from node 0 rejected: malformed"):
+                ts[1].receive(f"trap/{kind}", 0)
         assert len(ts[1].mailbox) == 0
     finally:
         close_all(ts)

@@ -447,8 +447,8 @@ def test_torrent_larger_than_expected_is_refused_before_any_piece(limit_by):
         x = payload(MB)
         ts[0].publish("model/0", {"w": x}, to=[1])
         size = ts[0].progress("model/0", 0)["total"]
-        with pytest.raises(PayloadRejected, match=rf"node 1: torrent for 'model/0' from node 0 holds {size} bytes, "
-                                                  rf"larger than the {limit} bytes expected"):
+        with pytest.raises(PayloadRejected, match=rf"payload 'model/0' from node 0 rejected: torrent larger than "
+                                                  rf"expected \({size} bytes, at most {limit}\)"):
             ts[1].receive("model/0", 0)  # at once, not at the timeout
         assert ts[1].rejected == 1 and ts[1].rejections.counts() == {"torrent larger than expected": 1}
         assert ts[1].payload_bytes_received == 0  # libtorrent's own counter

@@ -11,8 +11,8 @@ turns alerts into events and performs the action of each state it enters:
 state          entered by / action on entry
 =============  ==================================================================
 ANNOUNCED      a TORRENT frame parsed (`torrent_wire`); nothing on disk yet
-REFUSED        larger than `payload_limit(key)`: counted, a rejection delivered at
-               once; never added to the session, nothing written
+REFUSED        larger than `payload_limit(key)`: counted, the refusal delivered at
+               once (`reject`); never added to the session, nothing written
 CHECKING       added to the session paused, with the publisher and co-receivers as
                peers (first time); added again unpaused (restart); re-checked against
                the piece hashes (bad pieces on disk)
@@ -241,8 +241,9 @@ class Receiver:
     Of its transport (`host`) it uses: `uid`, `mapping`, `current_round`, `known(info_hash)`,
     `register(t)`, `new_incoming_folder()`, `add_to_session(t, params)`,
     `remove_from_session(t)` (keeping the file), `forget(t)` (out of the registry, the
-    session and the disk), `endpoint(uid)`, `payload_limit(key)`, `deliver`,
-    `rejections`, `dropped`, `verify_in_background(t)` and the counter `verify_failures`.
+    session and the disk), `endpoint(uid)`, `payload_limit(key)`, `deliver`, `reject`
+    (count a refused payload and deliver the refusal), `dropped`, `verify_in_background(t)`
+    and the counter `verify_failures`.
     """
 
     def __init__(self, host: "TorrentTransport"):
@@ -332,12 +333,8 @@ class Receiver:
         getattr(self, f"_enter_{new.name.lower()}")(t, old, **data)
 
     def _enter_refused(self, t: Incoming, old: RxState, limit: int) -> None:
-        host = self.host
-        detail = (f"torrent for {t.key!r} from node {t.sender} holds {t.ann.size} bytes, "
-                  f"larger than the {limit} bytes expected")
-        host.rejections("torrent larger than expected", detail)
-        host.deliver(Message(t.sender, t.key, t.ann.header, error=f"node {host.uid}: {detail}; refused",
-                             rejected=True, round=t.ann.round))
+        self.host.reject(Message(t.sender, t.key, t.ann.header, round=t.ann.round),
+                         "torrent larger than expected", f"{t.ann.size} bytes, at most {limit}")
 
     def _enter_checking(self, t: Incoming, old: RxState, bad: list[int] = ()) -> None:
         host = self.host
