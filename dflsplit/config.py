@@ -70,8 +70,12 @@ class RunConfig:
     machines: int = key(1, "machines in the run", gt=0)
     procs_per_machine: int = key(16, "node processes per machine", gt=0)
     machine_id: int = key(0, "this machine's id, 0..machines-1", ge=0)
-    ip_file: Optional[str] = None
-    base_port: int = key(21000, "first port; node uid listens on base_port + 2·rank (+1)", ge=1024, le=65000)
+    ip_file: Optional[str] = key(None, "JSON file of machine id -> host (decentralizepy's ip.json); default: all on 127.0.0.1")
+    hosts: Optional[dict[int, str]] = key(None, "machine id -> host, instead of ip_file (set from SLURM's node list)")
+    base_port: int = key(21000, "first port; node uid listens on base_port + 2·uid (+1); the run's coordinator on "
+                                "machine 0 uses the port after the nodes' ports", ge=1024, le=65000)
+    start_timeout: float = key(
+        120.0, "seconds for the start barrier: every machine joins and every node completes its handshakes", gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads_per_proc: int = key(0, "torch threads per node (0: cores / procs_per_machine)", ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

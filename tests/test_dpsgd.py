@@ -47,9 +47,9 @@ def test_eight_node_dpsgd_on_digits_reaches_85_percent(tmp_path, base_port):
     # neighbours agree more with each other than at the start: models are being averaged
     summary_file = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary_file["test_acc_mean"] == summary["test_acc_mean"]
-    assert Graph.read(tmp_path / "run/graph.edges").n == 8
-    assert load_config(tmp_path / "run/config.yaml").run.rounds == 20
-    assert (tmp_path / "run/node_0.log").read_text().count("connected to 4 peers") == 1
+    assert Graph.read(tmp_path / "run/machine_0/graph.edges").n == 8
+    assert load_config(tmp_path / "run/machine_0/config.yaml").run.rounds == 20
+    assert (tmp_path / "run/machine_0/node_0.log").read_text().count("connected to 4 peers") == 1
 
     written = plot_run(tmp_path / "run")
     assert {p.name for p in written} == {"metrics.csv", "test_acc.png", "test_loss.png", "train_loss.png", "train_acc.png"}

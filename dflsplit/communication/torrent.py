@@ -456,6 +456,7 @@ class TorrentTransport(ZmqTransport):
             for peer in to:
                 self.control.send(peer, DATA, body)
             self.count_payload(sent=tensor_bytes(tensors) * len(to))
+            log.debug("node %d: published %r inline (%d bytes) to %s", self.uid, key, len(body), to)
             return
         t, meta = self._seed(key, tensors)
         t.header, t.peers = dict(header or {}), to
@@ -466,6 +467,7 @@ class TorrentTransport(ZmqTransport):
             log.warning("node %d: torrent for %r not seeding after 5 s; announcing anyway", self.uid, key)
         for peer in to:
             self.control.send(peer, TORRENT, body)
+        log.debug("node %d: published %r as a torrent (%d bytes) to %s", self.uid, key, t.info.total_size(), to)
 
     def _seed(self, key: str, tensors: Mapping[str, torch.Tensor]) -> tuple[_Torrent, bytes]:
         """Spool `tensors`, make their torrent and seed it; returns it and its .torrent bytes."""
