@@ -432,8 +432,8 @@ def nist_writers(by_write: zipfile.ZipFile, classes: dict[str, str],
     return list(writers.items())
 
 
-def leaf_image(png: bytes) -> list[float]:
-    """LEAF's vector of one SD19 PNG: greyscale, thumbnail to 28x28 (LANCZOS), /255, flat."""
+def leaf_image(png: bytes):
+    """LEAF's vector of one SD19 PNG (784 float64): greyscale, thumbnail to 28x28 (LANCZOS), /255."""
     import io
 
     import numpy as np
@@ -445,14 +445,14 @@ def leaf_image(png: bytes) -> list[float]:
         arr = np.asarray(gray, dtype=np.float64)
     if arr.shape != (28, 28):
         raise DownloadError(f"error: an SD19 image became {arr.shape[1]}x{arr.shape[0]}, not 28x28 (is it square?)")
-    return (arr.reshape(-1) / 255).tolist()
+    return arr.reshape(-1) / 255
 
 
 def leaf_sample_niid(users: list[str], data: dict[str, dict], fraction: float,
                      rng: random.Random) -> tuple[list[str], list[int], dict[str, dict]]:
     """LEAF's non-IID sampling of one file (sample.py): shuffle the writers, take whole
     writers until `fraction` of the file's samples are taken, the last one cut short (its
-    first samples, in a random order)."""
+    first samples, in a random order). `data[user]` is {"x": array n×784, "y": [n labels]}."""
     users = list(users)
     wanted = int(fraction * sum(len(data[u]["y"]) for u in users))
     rng.shuffle(users)
@@ -465,7 +465,7 @@ def leaf_sample_niid(users: list[str], data: dict[str, dict], fraction: float,
         if taken + n > wanted:
             n = wanted - taken
             order = rng.sample(range(n), n)
-            d = {"x": [d["x"][j] for j in order], "y": [d["y"][j] for j in order]}
+            d = {"x": d["x"][order], "y": [d["y"][j] for j in order]}
         counts.append(n)
         out[user] = d
         taken += n
@@ -487,8 +487,8 @@ def leaf_split_by_sample(users: list[str], data: dict[str, dict], train_fraction
         n_train = 1 if n == 2 else max(1, int(train_fraction * n))
         chosen = set(rng.sample(range(n), n_train))  # 1 <= n_train < n: train and test both non-empty
         kept.append(user)
-        train[user] = {"x": [d["x"][j] for j in range(n) if j in chosen], "y": [d["y"][j] for j in range(n) if j in chosen]}
-        test[user] = {"x": [d["x"][j] for j in range(n) if j not in chosen], "y": [d["y"][j] for j in range(n) if j not in chosen]}
+        for split, rows in ((train, [j for j in range(n) if j in chosen]), (test, [j for j in range(n) if j not in chosen])):
+            split[user] = {"x": d["x"][rows], "y": [d["y"][j] for j in rows]}
     as_doc = lambda split: {"users": kept, "num_samples": [len(split[u]["y"]) for u in kept], "user_data": split}
     return as_doc(train), as_doc(test)
 
@@ -504,10 +504,26 @@ def _write_json(path: Path, doc: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_leaf_json(path: Path, doc: dict) -> None:
+    """`doc` as json.dump writes it, one writer at a time (its x array becomes lists of
+    floats only while it is written), so a file of 100 writers never sits in memory as
+    Python floats."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(f'{{"users": {json.dumps(doc["users"])}, "num_samples": {json.dumps(doc["num_samples"])}, "user_data": {{')
+        for i, user in enumerate(doc["users"]):
+            d = doc["user_data"][user]
+            f.write(f'{", " if i else ""}{json.dumps(user)}: {{"x": {json.dumps(d["x"].tolist())}, "y": {json.dumps(d["y"])}}}')
+        f.write("}}")
+    os.replace(tmp, path)
+
+
 def convert_nist_to_leaf(raw: Path, root: Path, opts: LeafOptions, log: Callable[[str], None] = print) -> dict:
     """Write ROOT/train/*.json and ROOT/test/*.json from RAW/by_class.zip and RAW/by_write.zip
     (see FEMNIST_HELP); both folders appear at once when all files are written. Returns
     counts."""
+    import numpy as np
+
     with zipfile.ZipFile(raw / "by_class.zip") as zc:
         classes = nist_classes(zc, log)
     staging = {s: root / f".{s}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp" for s in ("train", "test")}
@@ -525,14 +541,14 @@ def convert_nist_to_leaf(raw: Path, root: Path, opts: LeafOptions, log: Callable
             for index, start in enumerate(range(0, len(writers), step)):
                 chunk = writers[start:start + step]
                 users = [w for w, _ in chunk]
-                data = {w: {"x": [leaf_image(zw.read(p)) for p, _ in imgs], "y": [leaf_label(c) for _, c in imgs]}
+                data = {w: {"x": np.stack([leaf_image(zw.read(p)) for p, _ in imgs]), "y": [leaf_label(c) for _, c in imgs]}
                         for w, imgs in chunk}
                 users, counts_k, data = leaf_sample_niid(users, data, opts.fraction, sample_rng)
                 users = [u for u, n in zip(users, counts_k) if n >= opts.min_samples]
                 train, test = leaf_split_by_sample(users, data, opts.train_fraction, split_rng)
                 stem = f"all_data_{index}_niid_{_frac_label(opts.fraction)}_keep_{opts.min_samples}"
                 for split, doc in (("train", train), ("test", test)):
-                    _write_json(staging[split] / f"{stem}_{split}_{_frac_label(opts.train_fraction)}.json", doc)
+                    write_leaf_json(staging[split] / f"{stem}_{split}_{_frac_label(opts.train_fraction)}.json", doc)
                 counts["writers"] += len(train["users"])
                 counts["train_samples"] += sum(train["num_samples"])
                 counts["test_samples"] += sum(test["num_samples"])

@@ -276,22 +276,32 @@ def sd19_zips() -> tuple[bytes, bytes]:
     return by_class.getvalue(), by_write.getvalue()
 
 
-def test_leaf_labels_and_sampling_and_split():
+def test_leaf_labels_sampling_split_and_json(tmp_path):
     assert [dd.leaf_label(c) for c in ("30", "39", "41", "5a", "61", "7a")] == [0, 9, 10, 35, 36, 61]
-    data = {u: {"x": [[float(i)] for i in range(n)], "y": list(range(n))} for u, n in (("a", 5), ("b", 3), ("c", 2))}
+    # x row j of a writer holds j, so rows and labels can be checked to travel together
+    data = {u: {"x": np.arange(n, dtype=np.float64)[:, None].repeat(784, 1), "y": list(range(n))}
+            for u, n in (("a", 5), ("b", 3), ("c", 2))}
     import random
 
     users, counts, out = dd.leaf_sample_niid(["a", "b", "c"], data, 1.0, random.Random(0))
-    assert sorted(users) == ["a", "b", "c"] and all(out[u] == data[u] for u in users)
+    assert sorted(users) == ["a", "b", "c"] and all(out[u]["y"] == data[u]["y"] for u in users)
     users, counts, out = dd.leaf_sample_niid(["a", "b", "c"], data, 0.5, random.Random(3))
     assert sum(counts) == 5 and counts == [len(out[u]["y"]) for u in users]
-    assert all(set(out[u]["y"]) <= set(data[u]["y"]) for u in users)
+    for u in users:
+        assert set(out[u]["y"]) <= set(data[u]["y"]) and out[u]["x"][:, 0].tolist() == out[u]["y"]
     train, test = dd.leaf_split_by_sample(["a", "b", "c"], data, 0.9, random.Random(0))
     assert train["users"] == test["users"] == ["a", "b", "c"]
     assert train["num_samples"] == [4, 2, 1] and test["num_samples"] == [1, 1, 1]
     for u in "abc":
         assert sorted(train["user_data"][u]["y"] + test["user_data"][u]["y"]) == data[u]["y"]
         assert train["user_data"][u]["y"] == sorted(train["user_data"][u]["y"])  # original order kept
+        for split in (train, test):
+            assert split["user_data"][u]["x"][:, 0].tolist() == split["user_data"][u]["y"]
+    # written one writer at a time, byte for byte what json.dump writes (as LEAF does)
+    plain = {**train, "user_data": {u: {"x": (d["x"] / 7).tolist(), "y": d["y"]} for u, d in train["user_data"].items()}}
+    dd.write_leaf_json(tmp_path / "f.json", {**train, "user_data": {
+        u: {"x": d["x"] / 7, "y": d["y"]} for u, d in train["user_data"].items()}})
+    assert (tmp_path / "f.json").read_text() == json.dumps(plain)
 
 
 def test_femnist_from_sd19_zips_gives_leaf_json_the_loader_reads(tmp_path, server, capsys):
