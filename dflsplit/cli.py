@@ -161,9 +161,10 @@ def _cmd_check(args) -> int:
 def _add_plot(sub) -> None:
     from .plot import add_plot_arguments, run_plot
 
-    p = sub.add_parser("plot", help="turn a run folder into CSV and PNG",
-                       description="Write <RUN_DIR>/metrics.csv and PNG plots of accuracy and loss "
-                       "against round and against bytes (mean ± std over nodes).")
+    p = sub.add_parser("plot", help="compare runs: accuracy and loss as PNG and CSV",
+                       description="Plot accuracy and loss of one or more runs against round, bytes per "
+                       "node and wall time (mean ± std over nodes, one curve per run), with the CSV "
+                       "behind each figure and each run's metrics.csv.")
     add_plot_arguments(p)
     p.set_defaults(func=run_plot)
 

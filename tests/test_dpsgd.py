@@ -52,7 +52,9 @@ def test_eight_node_dpsgd_on_digits_reaches_85_percent(tmp_path, base_port):
     assert (tmp_path / "run/machine_0/node_0.log").read_text().count("connected to 4 peers") == 1
 
     written = plot_run(tmp_path / "run")
-    assert {p.name for p in written} == {"metrics.csv", "test_acc.png", "test_loss.png", "train_loss.png", "train_acc.png"}
+    figures = {f"{m}{axis}.{ext}" for m in ("test_acc", "test_loss", "train_loss", "train_acc")
+               for axis in ("", "_vs_bytes", "_vs_time") for ext in ("png", "csv")}
+    assert {p.name for p in written} == {"metrics.csv"} | figures
     csv = (tmp_path / "run/metrics.csv").read_text().splitlines()
     assert csv[0].startswith("round,nodes,train_loss_mean") and len(csv) == 21
 
