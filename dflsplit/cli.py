@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from . import cli_import, installed_version, reference
+
 
 def _add_run(sub) -> None:
     p = sub.add_parser(
@@ -214,8 +216,10 @@ def _cmd_keys(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dflsplit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("--version", action="version", version=f"dflsplit {installed_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_run, _add_check, _add_merge, _add_generate_graph, _add_plot, _add_stages, _add_keys):
+    for add in (_add_run, _add_check, _add_merge, _add_generate_graph, _add_plot, _add_stages, _add_keys,
+                reference.add_parser, cli_import.add_parser):
         add(sub)
     return parser
 
