@@ -357,3 +357,22 @@ def test_verbose_logs_handshake_publish_receive_and_start(tmp_path):
     log = (tmp_path / "run/machine_0/node_0.log").read_text()
     for what in ("DEBUG", "HELLO to node", "authenticated", "start signal", "published", "received"):
         assert what in log, what
+
+
+@pytest.mark.slow
+def test_run_sh_help_examples_run_as_written(tmp_path):
+    """Each pair of machine commands in `eval/run.sh --help` (from the repository's root; a base
+    port and a results folder of the test's own appended) ends with one summary of every node."""
+    text = subprocess.run([str(RUN_SH), "--help"], capture_output=True, text=True, check=True).stdout
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("eval/run.sh ") and "eval/configs" in ln]
+    assert len(lines) == 4, text
+    for pair, out in ((lines[:2], tmp_path / "positional"), (lines[2:], tmp_path / "flags")):
+        port = next_base_port(33)
+        procs = [start([*ln.split(), "--set", f"run.base_port={port}", "--set", f"run.out_dir={out}",
+                        "--no-progress"], ROOT) for ln in pair]
+        results = [finish(p, timeout=400) for p in procs]
+        assert all(rc == 0 for rc, _, _ in results), results
+        (folder,) = out.iterdir()
+        summary = read_json(folder / "summary.json")
+        assert summary["machines"] == 2 and summary["machines_missing"] == []
+        assert summary["nodes"] == len(read_run(folder)) == (32 if out.name == "positional" else 8)
