@@ -6,3 +6,14 @@ models, graphs, mappings, communication. A layer imports only the layers below i
 """
 
 __version__ = "0.1.0"
+
+
+def installed_version() -> str:
+    """The version in the installed package's metadata (``pip install``), else `__version__`
+    (a source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dflsplit")
+    except PackageNotFoundError:
+        return __version__

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from . import cli_import, installed_version, reference
+
 
 def _add_run(sub) -> None:
     p = sub.add_parser(
@@ -19,27 +21,119 @@ def _add_run(sub) -> None:
                    help="override a config key (YAML value), e.g. --set run.rounds=5; repeatable")
     p.add_argument("--unset", action="append", default=[], metavar="SECTION.KEY",
                    help="remove a key of the file, e.g. one only the implementation you replace takes; repeatable")
-    p.add_argument("--machine-id", type=int, help="this machine's id (overrides run.machine_id)")
-    p.add_argument("--out", help="results folder (default: <run.out_dir>/<run.name>-<timestamp>)")
+    p.add_argument("--machine-id", help="this machine's id (overrides run.machine_id), or 'auto': the machine of "
+                   "the ip file whose host is this one (the default when the run has several machines; under "
+                   "SLURM, SLURM_NODEID)")
+    p.add_argument("--ip-file", help="JSON file of machine id -> host (sets run.ip_file, and run.machines to its "
+                   "number of entries unless the config or --set gives run.machines)")
+    p.add_argument("--out", help="the run folder (default: <run.out_dir>/<run.name>-<run id>); this machine "
+                   "writes into its machine_<id>/ subfolder")
+    p.add_argument("--overwrite", action="store_true", help="replace this machine's results in an existing run folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its nodes' checkpoints (node.checkpoint_every)")
+    p.add_argument("--no-slurm", action="store_true",
+                   help="ignore SLURM_JOB_NODELIST / SLURM_NODEID (by default they give the machines and this id)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
+
+
+def run_overrides(args, environ=None) -> list[str]:
+    """The `--set` overrides of `dflsplit run` with the machine options folded in: the ip
+    file, the machine count it implies, SLURM's hosts and node id, the machine id (given,
+    or found among the ip file's hosts), and DEBUG logging for -v."""
+    import os
+
+    import yaml
+
+    from .config import ConfigError, load_config
+    from .mappings import read_ip_file
+    from .mappings.hosts import local_machine_id, slurm_hosts
+
+    environ = os.environ if environ is None else environ
+    overrides = list(args.overrides)
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    try:
+        with open(args.config) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        data = {}  # load_config reports it
+    in_file = {f"{sec}.{k}" for sec, body in data.items() if isinstance(body, dict) for k in body} \
+        if isinstance(data, dict) else set()
+    machines_given = "run.machines" in given or "run.machines" in in_file
+    hosts = None
+    if args.ip_file:
+        path = os.path.abspath(args.ip_file)
+        hosts = read_ip_file(path)
+        overrides.append(f"run.ip_file={path}")
+    slurm = None if args.no_slurm or args.ip_file or "run.hosts" in given else slurm_hosts(environ)
+    if slurm is not None:
+        hosts, slurm_id = slurm
+        overrides.append("run.hosts=" + yaml.safe_dump(hosts, default_flow_style=True).strip())
+    if hosts is not None and not machines_given:
+        overrides.append(f"run.machines={len(hosts)}")
+    machine = args.machine_id
+    if machine is None and slurm is not None:
+        machine = str(slurm_id)
+    if machine is None:
+        cfg = load_config(args.config, overrides, unset=args.unset) if hosts is None else None
+        several = (cfg.run.machines > 1) if cfg is not None else len(hosts) > 1
+        if several and "run.machine_id" not in given and "run.machine_id" not in in_file:
+            machine = "auto"
+    if machine == "auto":
+        if hosts is None:
+            cfg = load_config(args.config, overrides, unset=args.unset)
+            if cfg.run.ip_file is None and cfg.run.hosts is None:
+                raise ConfigError("--machine-id auto needs an ip file (--ip-file or run.ip_file) or run.hosts")
+            from .mappings import LinearMapping
+
+            hosts = LinearMapping.from_config(cfg).hosts
+        machine = str(local_machine_id(hosts, args.ip_file or "the run's hosts"))
+    if machine is not None:
+        try:
+            overrides.append(f"run.machine_id={int(machine)}")
+        except ValueError:
+            raise ConfigError(f"--machine-id: expected a number or 'auto', got {machine!r}") from None
+    if getattr(args, "verbose", False):
+        overrides.append("run.log_level=DEBUG")
+    return overrides
 
 
 def _cmd_run(args) -> int:
     from .config import load_config
     from .launch import run_experiment
 
-    overrides = list(args.overrides)
-    if args.machine_id is not None:
-        overrides.append(f"run.machine_id={args.machine_id}")
-    cfg = load_config(args.config, overrides, unset=args.unset)
-    summary = run_experiment(cfg, args.out, progress=False if args.no_progress else None)
+    cfg = load_config(args.config, run_overrides(args), unset=args.unset)
+    summary = run_experiment(cfg, args.out, progress=False if args.no_progress else None,
+                             overwrite=args.overwrite, resume=args.resume)
     n = summary["nodes"]
+    where = "" if summary["machines"] == 1 else (
+        f" (machine {summary['machine_id']} of {summary['machines']})" if summary["machine_id"] else
+        f" on {summary['machines']} machines")
     print(
-        f"{summary['name']}: {n} nodes, {summary['rounds']} rounds in {summary['wall_seconds']:.1f} s; "
+        f"{summary['name']}: {n} nodes{where}, {summary['rounds']} rounds in {summary['wall_seconds']:.1f} s; "
         f"test accuracy mean {summary['test_acc_mean']:.4f} ± {summary['test_acc_std']:.4f} (std over nodes)"
     )
     print(f"results: {summary['run_dir']}  (plot with: dflsplit plot {summary['run_dir']})")
+    return 0
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser(
+        "merge", help="merge copies of one run's folders from several machines into one",
+        description="Copy every machine_<id>/ folder found in RUN... into OUT (default: the first RUN) and "
+        "write OUT/summary.json covering every node, as machine 0 does at the end of a run.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or machine_<id> folders) of one run")
+    p.add_argument("--out", help="where to merge (default: the first RUN)")
+    p.set_defaults(func=_cmd_merge)
+
+
+def _cmd_merge(args) -> int:
+    from .results import merge_runs
+
+    summary = merge_runs(args.runs, args.out)
+    missing = f"; machines missing: {summary['machines_missing']}" if summary["machines_missing"] else ""
+    print(f"{summary['run_dir']}: {summary['nodes']} nodes of {summary['machines']} machines{missing}; "
+          f"test accuracy mean {summary['test_acc_mean']:.4f} ± {summary['test_acc_std']:.4f}")
     return 0
 
 
@@ -69,9 +163,10 @@ def _cmd_check(args) -> int:
 def _add_plot(sub) -> None:
     from .plot import add_plot_arguments, run_plot
 
-    p = sub.add_parser("plot", help="turn a run folder into CSV and PNG",
-                       description="Write <RUN_DIR>/metrics.csv and PNG plots of accuracy and loss "
-                       "against round and against bytes (mean ± std over nodes).")
+    p = sub.add_parser("plot", help="compare runs: accuracy and loss as PNG and CSV",
+                       description="Plot accuracy and loss of one or more runs against round, bytes per "
+                       "node and wall time (mean ± std over nodes, one curve per run), with the CSV "
+                       "behind each figure and each run's metrics.csv.")
     add_plot_arguments(p)
     p.set_defaults(func=run_plot)
 
@@ -121,8 +216,10 @@ def _cmd_keys(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dflsplit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("--version", action="version", version=f"dflsplit {installed_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_run, _add_check, _add_generate_graph, _add_plot, _add_stages, _add_keys):
+    for add in (_add_run, _add_check, _add_merge, _add_generate_graph, _add_plot, _add_stages, _add_keys,
+                reference.add_parser, cli_import.add_parser):
         add(sub)
     return parser
 
@@ -135,7 +232,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"dflsplit {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        from .launch import RunInterrupted
+
+        if isinstance(e, RunInterrupted):
+            print(f"dflsplit {args.command}: {e}", file=sys.stderr)
+            return 130
         print(f"dflsplit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -63,19 +63,24 @@ class Section:
 class RunConfig:
     """Experiment-wide settings and the process mapping (uid = machine_id × procs_per_machine + rank)."""
 
-    name: str = "run"
-    seed: int = 1
+    name: str = key("run", "name of the run: the prefix of its results folder")
+    seed: int = key(1, "seed of partitions, initial weights, batch sampling and generated graphs")
     rounds: int = key(20, "communication rounds", gt=0)
-    out_dir: str = "runs"
+    out_dir: str = key("runs", "folder under which each run's results folder is made")
     machines: int = key(1, "machines in the run", gt=0)
     procs_per_machine: int = key(16, "node processes per machine", gt=0)
     machine_id: int = key(0, "this machine's id, 0..machines-1", ge=0)
-    ip_file: Optional[str] = None
-    base_port: int = key(21000, "first port; node uid listens on base_port + 2·rank (+1)", ge=1024, le=65000)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    ip_file: Optional[str] = key(None, "JSON file of machine id -> host (decentralizepy's ip.json); needed when "
+                                       "machines > 1 unless hosts is set")
+    hosts: Optional[dict[int, str]] = key(None, "machine id -> host, instead of ip_file (set from SLURM's node list)")
+    base_port: int = key(21000, "first port; node uid listens on base_port + 2·uid (+1); the run's coordinator on "
+                                "machine 0 uses the port after the nodes' ports", ge=1024, le=65000)
+    start_timeout: float = key(
+        120.0, "seconds for the start barrier: every machine joins and every node completes its handshakes", gt=0)
+    device: Literal["auto", "cpu", "cuda"] = key("auto", "torch device; auto: cuda when available, else cpu")
     threads_per_proc: int = key(0, "torch threads per node (0: cores / procs_per_machine)", ge=0)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    progress: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = key("INFO", "level of the node logs (node_<uid>.log)")
+    progress: bool = key(True, "show a progress bar over rounds")
 
 
 @dataclass
@@ -83,12 +88,14 @@ class DatasetConfig(Section):
     """Which data, where it lives, and how it is split among nodes."""
 
     SECTION = "dataset"
-    name: str = "digits"
-    root: Optional[str] = None
-    partition: Literal["iid", "dirichlet", "shard", "contiguous"] = "iid"
+    name: str = key("digits", "which dataset")
+    root: Optional[str] = key(None, "folder holding the dataset's files (digits and synthetic need none)")
+    partition: Literal["iid", "dirichlet", "shard", "contiguous"] = key(
+        "iid", "how the training set is split among nodes (deterministic for run.seed)")
     alpha: float = key(0.5, "Dirichlet concentration (partition: dirichlet)", gt=0)
     shards_per_node: int = key(2, "label shards per node (partition: shard)", ge=1)
-    test: Literal["global", "local"] = "global"
+    test: Literal["global", "local"] = key(
+        "global", "global: every node tests on the whole test set; local: on its own share of it")
     test_fraction: float = key(0.2, "share of a dataset without a test split held out for testing", gt=0, lt=1)
     max_test: Optional[int] = key(None, "at most this many test samples per node", ge=1)
 
@@ -98,7 +105,7 @@ class ModelConfig(Section):
     """Network architecture; input shape and class count come from the dataset."""
 
     SECTION = "model"
-    name: str = "cnn"
+    name: str = key("cnn", "which network")
 
 
 @dataclass
@@ -106,7 +113,7 @@ class OptimizerConfig(Section):
     """The local optimizer of each node."""
 
     SECTION = "optimizer"
-    name: str = "sgd"
+    name: str = key("sgd", "which optimizer")
     lr: float = key(0.05, "learning rate", gt=0)
     weight_decay: float = key(0.0, "L2 penalty", ge=0)
 
@@ -120,7 +127,7 @@ class TrainingConfig(Section):
     """
 
     SECTION = "training"
-    name: str = "local_sgd"
+    name: str = key("local_sgd", "local training algorithm")
     batch_size: int = key(32, "mini-batch size", gt=0)
     local_steps: Optional[int] = key(10, "mini-batches per round", gt=0)
     local_epochs: Optional[float] = key(None, "passes over the shard per round", gt=0)
@@ -132,7 +139,7 @@ class SharingConfig(Section):
     """What of the model is sent and how received models are combined."""
 
     SECTION = "sharing"
-    name: str = "full"
+    name: str = key("full", "what of the model is sent each round")
     aggregator: typing.Union[str, list[str]] = key(
         "mixing", "an aggregator, or a list of pre-aggregators ending in one, e.g. [nnm, trimmed_mean]")
 
@@ -176,7 +183,7 @@ class CommunicationConfig(Section):
     """
 
     SECTION = "communication"
-    name: str = "torrent"
+    name: str = key("torrent", "transport of the tensors")
     timeout: float = key(120.0, "seconds a round waits for its peers' messages (one deadline for all of them)", gt=0)
     hello_timeout: float = key(60.0, "seconds to wait for the peers' HELLO at start", gt=0)
     upload_limit: int = key(0, "upload cap in bytes/s (0: none)", ge=0)
@@ -193,9 +200,9 @@ class NodeConfig(Section):
     """Node algorithm and evaluation schedule."""
 
     SECTION = "node"
-    name: str = "dpsgd"
+    name: str = key("dpsgd", "node algorithm")
     test_after: int = key(10, "evaluate every this many rounds (and after the last)", gt=0)
-    eval_train: bool = False
+    eval_train: bool = key(False, "also evaluate on the node's training shard (train_eval_loss, train_acc)")
     save_model: bool = key(False, "write each node's final model to model_<uid>.safetensors in the run folder")
 
 
@@ -208,14 +215,14 @@ class GraphConfig:
     `mixing` names the averaging weights (recomputed per round when the graph changes).
     """
 
-    type: str = "regular"
+    type: str = key("regular", "topology generator (when no file is given)")
     degree: int = key(4, "degree of a regular graph", ge=1)
-    file: Optional[str] = None
+    file: Optional[str] = key(None, "decentralizepy .edges or .adj topology file, instead of a generator")
     p: float = key(0.1, "rewiring / edge probability", ge=0, le=1)
     k: int = key(4, "ring neighbours in small_world", ge=2)
-    seed: Optional[int] = None
-    dynamic: bool = False
-    mixing: str = "metropolis_hastings"
+    seed: Optional[int] = key(None, "seed of a generated graph (default: run.seed)")
+    dynamic: bool = key(False, "a fresh random degree-regular graph every round, from run.seed and the round")
+    mixing: str = key("metropolis_hastings", "averaging weights of a node and its neighbours")
 
 
 @dataclass
@@ -226,17 +233,20 @@ class SplitConfig:
     sync period); `save_model`: each node writes its final model to the run folder.
     """
 
-    stages: Optional[list[list[str]]] = None
-    stages_file: Optional[str] = None
-    stages_index: int = 0
-    pairing: Optional[dict[str, str]] = None
-    sync: Literal["fedavg", "gossip", "none"] = "fedavg"
+    stages: Optional[list[list[str]]] = key(None, "the stage configuration: one row of owner_stage tasks per client")
+    stages_file: Optional[str] = key(None, "a .py, .env or .yaml file holding stage configurations, instead of stages")
+    stages_index: int = key(0, "which configuration of stages_file (0-based; negative counts from the end)")
+    pairing: Optional[dict[str, str]] = key(
+        None, "forward -> backward stage map, e.g. {'1': '8'}, checked against the derived 2P+1-s")
+    sync: Literal["fedavg", "gossip", "none"] = key(
+        "fedavg", "replica sync: fedavg among all runners of a partition, gossip among neighbouring runners, or none")
     sync_every: int = key(1, "steps (or epochs) between replica syncs", gt=0)
-    sync_unit: Literal["steps", "epochs"] = "steps"
+    sync_unit: Literal["steps", "epochs"] = key("steps", "unit of sync_every")
     micro_batches: int = key(1, "micro-batches per step", gt=0)
-    checkpoint: bool = False
-    mode: Literal["parallel", "relay"] = "parallel"
-    save_model: bool = False
+    checkpoint: bool = key(False, "keep only a partition's input and recompute its activations in backward")
+    mode: Literal["parallel", "relay"] = key(
+        "parallel", "parallel: every owner trains every step; relay: owners take turns of one sync period")
+    save_model: bool = key(False, "each node writes its final model to split_model_<uid>.safetensors")
 
 
 @dataclass
@@ -248,9 +258,9 @@ class AttackConfig(Section):
     nodes, so they see every honest vector of the round (gossip nodes only)."""
 
     SECTION = "attack"
-    name: str = "none"
+    name: str = key("none", "what the Byzantine nodes do (none: no attack)")
     nodes: list[int] = key(doc="uids of the Byzantine nodes", factory=list, ge=0)
-    omniscient: bool = False
+    omniscient: bool = key(False, "the attack sees every honest model of the round (gossip nodes only)")
 
 
 #: section → (module, registry attribute) of the implementations chosen by its `name`
@@ -338,7 +348,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
+        null = " or null" if type(None) in typing.get_args(tp) else ""
+        return " or ".join(_type_name(a) for a in args) + null
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:

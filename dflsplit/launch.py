@@ -1,34 +1,84 @@
 """Launching the nodes of one machine: one OS process per node, forked from this process.
 
-The launcher imports torch once, warms the lazily imported parts every node needs
-(`warm_up`), and forks the node processes, so they share the interpreter's and
-libraries' pages copy-on-write: start-up takes milliseconds per node and memory grows
-with each node's own data and model, not with the import. Before the fork only
-single-element torch operations run, on one thread, so no thread pool is inherited.
+The launcher builds what every node needs once, before the fork: the mapping (hosts
+resolved), the node type's derived objects (`Node.prepare`: the topology, a split run's
+stage mapping), the dataset (prepared, partitioned, its global test set loaded) and the
+imports (`warm_up`). Forked nodes share those pages copy-on-write: start-up takes
+milliseconds per node and memory grows with each node's own data and model. Before the
+fork only single-element torch operations run, on one thread, so no thread pool is
+inherited.
+
+A run spans one or several machines (`dflsplit.coordinator`): the launchers agree on a
+run id at the start barrier, each writes ``<run>/machine_<id>/``, the nodes start round 0
+together once every node completed its handshakes, and machine 0 writes the summary of
+every node at the end. A run folder that holds results is refused unless resuming or
+overwriting.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import shutil
+import signal
+import socket
 import sys
 import time
 import traceback
-from datetime import datetime
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .config import Config, dump_config
+from .coordinator import BarrierFailed, Coordinator, RunAborted
 from .mappings import LinearMapping
-from .results import final_accuracies, mean_std, read_run, write_summary
+from .results import machine_dir, read_json, read_run, summarize, write_json, write_summary
 
 log = logging.getLogger("dflsplit.launch")
 
+#: keys that may differ between the machines of one run (they do not change what is computed)
+MACHINE_LOCAL_KEYS = {
+    "run": ("machine_id", "out_dir", "progress", "log_level", "threads_per_proc", "device", "ip_file", "hosts"),
+    "communication": ("spool_dir", "curve_keys"),
+    "dataset": ("root",),
+    "graph": ("file",),
+    "split": ("stages_file",),
+}
+
 
 class RunFailed(RuntimeError):
-    """A node process failed; the message holds its error and where its log is."""
+    """A node process failed, or the run's machines could not agree; the message holds the
+    error and where to look."""
+
+
+class RunInterrupted(RunFailed):
+    """The run was stopped (Ctrl-C, or SIGTERM to the launcher); its nodes were stopped too."""
+
+
+class StartTimeout(RuntimeError):
+    """A node's start signal did not come within the start barrier's time."""
+
+
+@dataclass
+class StartSignal:
+    """Set by the launcher when the run may begin round 0 (every node of every machine
+    completed its handshakes); `deadline` (time.monotonic) ends the start barrier."""
+
+    event: Any
+    deadline: float
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def wait(self, uid: int) -> None:
+        if not self.event.wait(self.left() + 10):
+            raise StartTimeout(f"node {uid}: the run did not start within run.start_timeout "
+                               f"(the launcher never gave the start signal)")
 
 
 def pick_device(name: str) -> str:
@@ -74,21 +124,34 @@ def keep_freed_memory() -> None:
 
 def warm_up(cfg: Config) -> None:
     """Import here, once, what each node would otherwise import for itself (seconds each):
-    the dataset's reader (e.g. scikit-learn for digits) and the optimizer machinery."""
+    the optimizer machinery (the dataset's reader was imported when it was prepared)."""
     import torch
 
-    from .datasets import build_dataset
     from .training import build_optimizer
 
     torch.set_num_threads(1)
-    build_dataset(cfg)
     param = torch.nn.Parameter(torch.zeros(1))
     param.grad = torch.zeros(1)
     build_optimizer(cfg.optimizer, [param]).step()
 
 
-def node_main(cfg: Config, uid: int, run_dir: Path, mapping, graph, report: Callable[[dict], None]) -> None:
-    """Build one node's parts and run it; called in the node's own process."""
+def config_hash(cfg: Config, graph, mapping) -> str:
+    """A hash of what every machine of a run must agree on: the config without the keys
+    that are a machine's own business (paths, logging), plus the topology and the hosts."""
+    data = cfg.to_dict()
+    for section, keys in MACHINE_LOCAL_KEYS.items():
+        for k in keys:
+            data.get(section, {}).pop(k, None)
+    data["_topology"] = sorted(graph.edges()) if graph is not None else None
+    data["_hosts"] = {str(m): h for m, h in sorted(mapping.hosts.items())}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def node_main(cfg: Config, uid: int, run_dir: Path, mapping, prepared: dict[str, Any],
+              report: Callable[[dict], None], identity: dict[str, Any] | None = None,
+              start: StartSignal | None = None, dataset=None) -> None:
+    """Build one node's parts and run it; called in the node's own process. `run_dir` is the
+    folder of this machine's results; `prepared` what `Node.prepare` built in the launcher."""
     import torch
 
     from .communication import build_transport
@@ -104,7 +167,7 @@ def node_main(cfg: Config, uid: int, run_dir: Path, mapping, graph, report: Call
     torch.set_num_threads(threads_per_process(cfg))
     device = pick_device(cfg.run.device)
     node_cls = NODES.get(cfg.node.name)
-    data = load_node_data(cfg, uid, node_cls.data_shard(cfg, uid))
+    data = load_node_data(cfg, uid, node_cls.data_shard(cfg, uid), dataset=dataset)
     log.info("loaded %d training and %d test samples in %.2f s", len(data.train_y), len(data.test_y), time.perf_counter() - t0)
     # Images in channels-last layout: oneDNN's convolutions are ~1.5x faster on CPU that way.
     layout = torch.channels_last if data.train_x.dim() == 4 else torch.contiguous_format
@@ -118,23 +181,35 @@ def node_main(cfg: Config, uid: int, run_dir: Path, mapping, graph, report: Call
     if len(data.train_y):
         training = TRAININGS.get(cfg.training.name)(cfg, model, data.train_x, data.train_y, seed=cfg.run.seed * 100003 + uid)
     sharing = SHARINGS.get(cfg.sharing.name)(cfg, uid)
-    transport = build_transport(uid, mapping, cfg.communication)
+    transport = build_transport(uid, mapping, cfg.communication, identity)
     results = ResultsWriter(run_dir, uid)
     transport.start()
     log.info("model, training and %s transport ready after %.2f s", cfg.communication.name, time.perf_counter() - t0)
     context = dict(
-        cfg=cfg, uid=uid, mapping=mapping, graph=graph, transport=transport, model=model, data=data,
+        cfg=cfg, uid=uid, mapping=mapping, transport=transport, model=model, data=data,
         training=training, sharing=sharing, device=device, results=results, report=report,
-        run_dir=run_dir,
+        run_dir=run_dir, start=start, **prepared,
     )
+    finished = False
     try:
         node_cls(context).run()
+        finished = True
     finally:
-        transport.close()
+        transport.close(None if finished else 1.0)  # a failing node does not wait for its peers' BYE
         results.close()
 
 
-def _child(cfg: Config, uid: int, run_dir: Path, mapping, graph, events) -> None:
+class NodeStopped(BaseException):
+    """The launcher stopped this node (SIGTERM)."""
+
+
+def _stop_node(signum, frame):
+    raise NodeStopped(f"stopped by signal {signum}")
+
+
+def _child(cfg: Config, uid: int, run_dir: Path, mapping, prepared, events, identity, start, dataset) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which stops the nodes
+    signal.signal(signal.SIGTERM, _stop_node)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -143,7 +218,11 @@ def _child(cfg: Config, uid: int, run_dir: Path, mapping, graph, events) -> None
     root.addHandler(handler)
     root.setLevel(cfg.run.log_level)
     try:
-        node_main(cfg, uid, run_dir, mapping, graph, events.put)
+        node_main(cfg, uid, run_dir, mapping, prepared, events.put, identity, start, dataset)
+    except NodeStopped:
+        logging.getLogger(f"dflsplit.node.{uid}").warning("node %d stopped by the launcher", uid)
+        handler.flush()
+        os._exit(3)
     except BaseException as e:
         logging.getLogger(f"dflsplit.node.{uid}").exception("node %d failed", uid)
         events.put({"event": "error", "uid": uid, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
@@ -165,15 +244,61 @@ def check_curve_keys(cfg: Config, mapping) -> None:
         CurveKeys(folder, uid, range(mapping.num_nodes))
 
 
-def make_run_dir(cfg: Config, out_dir: str | Path | None) -> Path:
-    """`out_dir` as given, else `<run.out_dir>/<run.name>-<timestamp>` (machine id appended when several)."""
+def holds_results(run_dir: Path, machine_id: int) -> list[Path]:
+    """The results files in `run_dir` that a new run of machine `machine_id` would mix with:
+    its machine folder's node files, flat node files, and (machine 0) the run's summary."""
+    mine = sorted(machine_dir(run_dir, machine_id).glob("node_*.jsonl")) + sorted(run_dir.glob("node_*.jsonl"))
+    if machine_id == 0 and (run_dir / "summary.json").exists():
+        mine.append(run_dir / "summary.json")
+    return mine
+
+
+def make_run_dirs(cfg: Config, out_dir: str | Path | None, run_id: str, overwrite: bool = False,
+                  resume: bool = False) -> tuple[Path, Path]:
+    """(run folder, this machine's folder in it). The run folder is `out_dir` when given,
+    else ``<run.out_dir>/<run.name>-<run id>``. One that already holds this machine's
+    results is an error unless `overwrite` (they are removed) or `resume` (kept)."""
     if out_dir is not None:
-        path = Path(out_dir)
+        run_dir = Path(out_dir)
     else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path(cfg.resolve(cfg.run.out_dir) or "runs") / f"{cfg.run.name}-{stamp}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+        run_dir = Path(cfg.resolve(cfg.run.out_dir) or "runs") / f"{cfg.run.name}-{run_id}"
+    mdir = machine_dir(run_dir, cfg.run.machine_id)
+    existing = holds_results(run_dir, cfg.run.machine_id) if run_dir.exists() else []
+    if resume:
+        if not existing:
+            raise RunFailed(f"--resume: {run_dir} holds no results of machine {cfg.run.machine_id} to resume")
+    elif existing and not overwrite:
+        raise RunFailed(f"{run_dir} already holds results ({existing[0].name} and {len(existing) - 1} more); "
+                        f"give another --out, --resume to continue that run, or --overwrite to replace it")
+    elif existing:
+        shutil.rmtree(mdir, ignore_errors=True)
+        for p in existing:
+            p.unlink(missing_ok=True)
+    mdir.mkdir(parents=True, exist_ok=True)
+    return run_dir, mdir
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """In the main thread, SIGTERM to the launcher stops the run as Ctrl-C does."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _stderr(line: str) -> None:
+    print(f"dflsplit: {line}", file=sys.stderr, flush=True)
 
 
 def run_experiment(
@@ -181,64 +306,146 @@ def run_experiment(
     out_dir: str | Path | None = None,
     progress: bool | None = None,
     on_event: Callable[[dict], None] | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run this machine's nodes of `cfg` to completion and return the run summary.
+    """Run this machine's nodes of `cfg` to completion and return the summary.
 
-    Node processes are forked from this one. Results go to `out_dir` (created), or to
-    a fresh folder under `run.out_dir`. Raises RunFailed if a node fails.
+    Node processes are forked from this one. Results go to ``<run>/machine_<id>/`` where
+    the run folder is `out_dir`, or ``<run.out_dir>/<run.name>-<run id>``; a folder that
+    already holds this machine's results is refused unless `overwrite` or `resume`.
+    With several machines the launchers first agree on the run (start barrier, lines
+    about who is missing go to `say`, stderr by default). Machine 0 returns (and writes
+    to ``<run>/summary.json``) the summary of every node of the run; other machines
+    return their own nodes'. Raises RunFailed if a node or another machine fails, and
+    RunInterrupted on Ctrl-C or SIGTERM.
     """
-    from .datasets import preload_global_test_set, prepare_dataset
+    from .datasets import prepare_dataset, preload_global_test_set
     from .node import NODES
 
+    say = say or _stderr
     launch = time.time()
     mapping = LinearMapping.from_config(cfg)
+    mapping.resolve_hosts(str(cfg.run.ip_file or "run.hosts"))  # a host that does not resolve fails here
     check_curve_keys(cfg, mapping)
     node_cls = NODES.get(cfg.node.name)
-    graph = node_cls.topology(cfg)
-    run_dir = make_run_dir(cfg, out_dir)
-    dump_config(cfg, run_dir / "config.yaml")
-    graph.write(run_dir / "graph.edges")
-    prepare_dataset(cfg)
     keep_freed_memory()
+    dataset = prepare_dataset(cfg)
+    prepared = node_cls.prepare(cfg, dataset)
+    graph = prepared["graph"]
+    uids = node_cls.local_uids(cfg, mapping)
+    for shard in {node_cls.data_shard(cfg, u) for u in uids} - {None}:
+        dataset.partition_train(shard[1])  # once here, inherited by every node
     warm_up(cfg)
     import torch
 
-    preload_global_test_set(cfg, torch.channels_last)  # the layout node_main gives images
-    uids = node_cls.local_uids(cfg, mapping)
+    preload_global_test_set(cfg, torch.channels_last, dataset)  # the layout node_main gives images
     for uid in uids:
         mapping.check_ports_free(uid)
+    digest = config_hash(cfg, graph, mapping)
+    start_timeout = cfg.run.start_timeout
+    coord = Coordinator(cfg.run.machine_id, {m: mapping.hosts[m] for m in range(mapping.machines)},
+                        mapping.coordinator_address, digest, start_timeout, say=say)
+    try:
+        with _sigterm_as_interrupt():
+            resume_id = _resume_run_id(cfg, out_dir) if resume else None
+            try:
+                run_id = coord.join(resume_id)
+            except KeyboardInterrupt:
+                raise RunInterrupted(f"machine {cfg.run.machine_id}: interrupted during the start barrier") from None
+            except BarrierFailed as e:
+                raise RunFailed(str(e)) from None
+            run_dir, mdir = make_run_dirs(cfg, out_dir, run_id, overwrite, resume)
+            identity = {"run": run_id, "config": digest}
+            info = {"run_id": run_id, "config_hash": digest, "machine_id": cfg.run.machine_id,
+                    "machines": mapping.machines, "hosts": {str(m): h for m, h in mapping.hosts.items()},
+                    "nodes": sorted(uids), "host": socket.gethostname(), "pid": os.getpid(), "launched": launch}
+            write_json(mdir / "run.json", info)
+            dump_config(cfg, mdir / "config.yaml")
+            graph.write(mdir / "graph.edges")
+            log.debug("machine %d: run %s in %s", cfg.run.machine_id, run_id, mdir)
+            records, timing = _run_nodes(cfg, uids, mdir, mapping, prepared, identity, dataset, coord, progress,
+                                         on_event, launch, start_timeout)
+            summary = {
+                "name": cfg.run.name, "run_id": run_id, "run_dir": str(run_dir), "machine_dir": str(mdir),
+                "machine_id": cfg.run.machine_id, "machines": mapping.machines, "rounds": cfg.run.rounds,
+                "transport": cfg.communication.name, "launch_time": launch, **timing,
+            }
+            write_summary(mdir, {**summary, **summarize(records)})
+            if cfg.run.machine_id != 0:
+                coord.gather(records, 0)
+                return {**summary, **summarize(records)}
+            everything, missing = coord.gather(records, cfg.communication.timeout)
+            if missing:
+                say(f"machines {missing} did not report their results; the run's summary covers "
+                    f"{len(everything)} nodes (dflsplit merge adds them from copied folders)")
+            summary = {**summary, "machines_missing": missing, **summarize(everything)}
+            write_summary(run_dir, summary)
+            return summary
+    finally:
+        coord.close()
 
+
+def _resume_run_id(cfg: Config, out_dir) -> str | None:
+    if out_dir is None:
+        raise RunFailed("--resume needs the run folder (--out RUN_DIR)")
+    return read_json(machine_dir(out_dir, cfg.run.machine_id) / "run.json").get("run_id")
+
+
+def _run_nodes(cfg, uids, mdir, mapping, prepared, identity, dataset, coord, progress, on_event, launch,
+               start_timeout) -> tuple[dict[int, list[dict]], dict[str, Any]]:
+    """Fork the nodes, drive the start barrier, follow progress; (the nodes' records, start-up
+    and wall time) once every node finished. Raises RunFailed / RunInterrupted."""
     ctx = mp.get_context("fork")
     events = ctx.Queue()
-    procs = {uid: ctx.Process(target=_child, args=(cfg, uid, run_dir, mapping, graph, events), name=f"node-{uid}", daemon=False) for uid in uids}
+    start = StartSignal(ctx.Event(), max(time.monotonic() + 1.0, coord.deadline))
+    procs = {uid: ctx.Process(target=_child, args=(cfg, uid, mdir, mapping, prepared, events, identity, start, dataset),
+                              name=f"node-{uid}", daemon=False) for uid in uids}
     for p in procs.values():
         p.start()
-
     show = cfg.run.progress if progress is None else progress
     bar = None
-    if show:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.run.rounds, desc=f"{cfg.run.name} ({len(uids)} nodes)", unit="round", file=sys.stderr)
     rounds_done = {uid: 0 for uid in uids}
-    connected: dict[int, float] = {}
+    connected: set[int] = set()
     first_round: dict[int, float] = {}
     done: set[int] = set()
-    error: dict | None = None
+    error: str | None = None
+    interrupted = False
+    started = False
     try:
         while len(done) < len(uids) and error is None:
             try:
-                e = events.get(timeout=1.0)
+                if not started:
+                    started = coord.poll(0.0)
+                    if started:
+                        start.event.set()
+                        log.debug("machine %d: every machine is ready: start", cfg.run.machine_id)
+                        if show:
+                            from tqdm import tqdm
+
+                            bar = tqdm(total=cfg.run.rounds, desc=f"{cfg.run.name} ({len(uids)} nodes)",
+                                       unit="round", file=sys.stderr)
+                elif coord.machines > 1:
+                    coord.poll(0.0)  # an ABORT from machine 0 ends this machine's run too
+                e = events.get(timeout=0.1 if not started else 1.0)
             except queue_mod.Empty:
                 dead = [u for u, p in procs.items() if u not in done and p.exitcode not in (None, 0)]
                 if dead:
-                    error = {"uid": dead[0], "error": f"process exited with code {procs[dead[0]].exitcode}"}
+                    error = f"node {dead[0]} failed: process exited with code {procs[dead[0]].exitcode}; " \
+                            f"see {mdir / ('node_%d.log' % dead[0])}"
                 continue
+            except (BarrierFailed, RunAborted) as exc:
+                error = str(exc)
+                break
             if on_event:
                 on_event(e)
             kind = e.get("event")
             if kind == "connected":
-                connected[e["uid"]] = e["time"]
+                connected.add(e["uid"])
+                if len(connected) == len(uids):
+                    coord.ready()
+                    log.debug("machine %d: every node connected in %.2f s", cfg.run.machine_id, time.time() - launch)
             elif kind == "round":
                 rounds_done[e["uid"]] = e["round"] + 1
                 if e["round"] == 0:
@@ -248,11 +455,14 @@ def run_experiment(
             elif kind == "done":
                 done.add(e["uid"])
             elif kind == "error":
-                error = e
+                error = f"node {e['uid']} failed: {e['error']}; see {mdir / ('node_%d.log' % e['uid'])}"
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         if bar is not None:
             bar.close()
-        if error is not None:
+        if error is not None or interrupted:
+            coord.abort(error or f"machine {cfg.run.machine_id} was interrupted")
             for p in procs.values():
                 if p.is_alive():
                     p.terminate()
@@ -262,44 +472,14 @@ def run_experiment(
                 p.kill()
                 p.join()
         events.close()
+    if interrupted:
+        raise RunInterrupted(f"interrupted: stopped {len(uids)} nodes of machine {cfg.run.machine_id}; "
+                             f"results so far in {mdir}")
     if error is not None:
-        raise RunFailed(
-            f"node {error['uid']} failed: {error['error']}; see {run_dir / ('node_%d.log' % error['uid'])}"
-        )
-
-    results = {u: r for u, r in read_run(run_dir).items() if u in procs}
-    byzantine = cfg.byzantine
-    accs = {u: a for u, a in final_accuracies(results).items() if u not in byzantine}  # honest nodes only
-    acc_mean, acc_std = mean_std(accs.values())
-    plain = [r["round_seconds"] for rs in results.values() for r in rs if r.get("test_acc") is None]
-    with_eval = [r["round_seconds"] + r["eval_seconds"] for rs in results.values() for r in rs if r.get("test_acc") is not None]
-    summary = {
-        "name": cfg.run.name,
-        "run_dir": str(run_dir),
-        "machine_id": cfg.run.machine_id,
-        "nodes": len(uids),
-        "rounds": cfg.run.rounds,
-        "transport": cfg.communication.name,
-        "launch_time": launch,
+        raise RunFailed(error)
+    records = {u: r for u, r in read_run(mdir).items() if u in procs}
+    timing = {
         "startup_seconds": (max(first_round.values()) - launch) if len(first_round) == len(uids) else None,
         "wall_seconds": time.time() - launch,
-        "median_round_seconds": _median(plain),
-        "median_eval_round_seconds": _median(with_eval),
-        "test_acc_mean": acc_mean,
-        "test_acc_std": acc_std,
-        "final_test_acc": {str(u): a for u, a in sorted(accs.items())},
-        "byzantine": sorted(byzantine),
-        "accuracy_over": "honest nodes" if byzantine else "all nodes",
-        "bytes_sent": sum(rs[-1]["bytes_sent"] for rs in results.values() if rs),
-        "bytes_received": sum(rs[-1]["bytes_received"] for rs in results.values() if rs),
     }
-    write_summary(run_dir, summary)
-    return summary
-
-
-def _median(values: list[float]) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    n = len(v)
-    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+    return records, timing

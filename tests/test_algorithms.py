@@ -30,7 +30,7 @@ def consensus_distance(run_dir: Path, uids) -> float:
     """Mean Euclidean distance of the nodes' final models to their average."""
     vecs = []
     for u in uids:
-        state = load_file(str(run_dir / f"model_{u}.safetensors"))
+        state = load_file(str(run_dir / "machine_0" / f"model_{u}.safetensors"))
         vecs.append(torch.cat([v.reshape(-1).double() for k, v in sorted(state.items()) if v.is_floating_point()]))
     stack = torch.stack(vecs)
     return float((stack - stack.mean(0)).norm(dim=1).mean())

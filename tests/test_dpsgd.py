@@ -47,12 +47,14 @@ def test_eight_node_dpsgd_on_digits_reaches_85_percent(tmp_path, base_port):
     # neighbours agree more with each other than at the start: models are being averaged
     summary_file = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary_file["test_acc_mean"] == summary["test_acc_mean"]
-    assert Graph.read(tmp_path / "run/graph.edges").n == 8
-    assert load_config(tmp_path / "run/config.yaml").run.rounds == 20
-    assert (tmp_path / "run/node_0.log").read_text().count("connected to 4 peers") == 1
+    assert Graph.read(tmp_path / "run/machine_0/graph.edges").n == 8
+    assert load_config(tmp_path / "run/machine_0/config.yaml").run.rounds == 20
+    assert (tmp_path / "run/machine_0/node_0.log").read_text().count("connected to 4 peers") == 1
 
     written = plot_run(tmp_path / "run")
-    assert {p.name for p in written} == {"metrics.csv", "test_acc.png", "test_loss.png", "train_loss.png", "train_acc.png"}
+    figures = {f"{m}{axis}.{ext}" for m in ("test_acc", "test_loss", "train_loss", "train_acc")
+               for axis in ("", "_vs_bytes", "_vs_time") for ext in ("png", "csv")}
+    assert {p.name for p in written} == {"metrics.csv"} | figures
     csv = (tmp_path / "run/metrics.csv").read_text().splitlines()
     assert csv[0].startswith("round,nodes,train_loss_mean") and len(csv) == 21
 

@@ -147,7 +147,7 @@ def test_a_run_with_keys_beside_its_config(tmp_path):
     )
     summary = run_experiment(load_config(config), tmp_path / "run")
     assert summary["nodes"] == 4 and summary["test_acc_mean"] > 0.8, summary
-    assert load_config(tmp_path / "run/config.yaml").communication.curve_keys == str(tmp_path / "keys")
+    assert load_config(tmp_path / "run/machine_0/config.yaml").communication.curve_keys == str(tmp_path / "keys")
 
     secret_file(tmp_path / "keys", 3).unlink()
     with pytest.raises(CommError, match="node_3.key_secret: CURVE key file not found"):

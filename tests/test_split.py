@@ -246,7 +246,7 @@ def assert_matches_reference(cfg, run_dir, steps, tol=1e-5):
     ref = reference(cfg, steps)
     worst = 0.0
     for o, expected in ref.items():
-        got = load_file(str(Path(run_dir) / f"split_model_{o - 1}.safetensors"))
+        got = load_file(str(Path(run_dir) / "machine_0" / f"split_model_{o - 1}.safetensors"))
         assert set(got) == set(expected)
         for k, v in expected.items():
             worst = max(worst, (got[k] - v).abs().max().item())
@@ -268,14 +268,14 @@ def test_split_run_equals_unsplit_reference(tmp_path, base_port, rows, model, ex
     steps = cfg.run.rounds * cfg.training.local_steps
     assert steps == 20 and summary["nodes"] == len(rows)
     ref = assert_matches_reference(cfg, tmp_path / "run", steps)
-    records = {u: [json.loads(x) for x in (tmp_path / "run" / f"node_{u}.jsonl").read_text().splitlines()]
+    records = {u: [json.loads(x) for x in (tmp_path / "run" / "machine_0" / f"node_{u}.jsonl").read_text().splitlines()]
                for u in range(len(rows))}
     assert all(len(rs) == 2 and rs[-1]["test_acc"] is not None for rs in records.values())
     first = ref[1]
     same = [all(torch.equal(first[k], m[k]) for k in first) for m in ref.values()]
     if cfg.split.sync == "fedavg":  # one model: every owner ends with the same weights
         assert all(same)
-        got = [load_file(str(tmp_path / "run" / f"split_model_{u}.safetensors")) for u in range(len(rows))]
+        got = [load_file(str(tmp_path / "run" / "machine_0" / f"split_model_{u}.safetensors")) for u in range(len(rows))]
         assert all(torch.equal(g[k], got[0][k]) for g in got for k in g)
     else:
         assert not all(same)
@@ -336,7 +336,7 @@ def test_invalid_stage_configuration_fails_before_any_node_starts(tmp_path, base
     cfg = split_config(tmp_path, base_port, EXAMPLE, "model.partitions=3")
     with pytest.raises(StageConfigError, match="rule 5: .*the model has 3 partitions"):
         run_experiment(cfg, tmp_path / "run")
-    assert not list((tmp_path / "run").glob("node_*"))
+    assert not list((tmp_path / "run").glob("**/node_*"))
 
 
 @pytest.mark.slow

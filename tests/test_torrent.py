@@ -332,7 +332,8 @@ def test_own_copy_corrupted_on_disk_is_checked_again_and_refetched():
 def test_payload_mismatch_names_sender_and_key():
     with cluster(2) as ts:
         ts[0].publish("model/3", {"w": torch.randn(10, 3)}, to=[1])
-        with pytest.raises(PayloadMismatch, match=r"'model/3' from node 0.*'w' is \(\(10, 3\), 'float32'\), expected \(\(3, 10\), 'float32'\)"):
+        with pytest.raises(PayloadMismatch, match=r"'model/3' from node 0.*'w' is \(\(10, 3\), 'float32'\), "
+                                                  r"expected \(\(3, 10\), 'float32'\)"):
             ts[1].receive("model/3", 0, expect={"w": ((3, 10), "float32")})
 
 
@@ -394,7 +395,8 @@ def test_only_hosts_of_the_mapping_may_connect():
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.IDENTITY, b"77")
         s.connect(ts[1].mapping.control_address(1))
-        s.send_multipart([TORRENT, encode({"key": "evil", "peers": []}, {"torrent": torch.zeros(4, dtype=torch.uint8)})])
+        s.send_multipart([TORRENT, encode({"key": "evil", "peers": []},
+                                          {"torrent": torch.zeros(4, dtype=torch.uint8)})])
         time.sleep(0.3)
         s.close(0)
         ctx.term()
@@ -506,7 +508,7 @@ def test_a_host_that_does_not_resolve_is_named_at_start():
     mapping = LinearMapping(2, 1, {0: "127.0.0.1", 1: "no-such-host.invalid"}, next_base_port(2))
     t = build_transport(0, mapping, config())
     with pytest.raises(CommError, match=r"node 0: cannot resolve host 'no-such-host.invalid' of machine 1 "
-                                        r"\(run.ip_file\): .+"):
+                                        r"\(run.hosts or run.ip_file\): .+"):
         t.start()
     assert t.spool is None and t.control is None  # nothing was made
 

@@ -217,7 +217,7 @@ class TorrentTransport(ZmqTransport):
                 found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
             except (socket.gaierror, UnicodeError) as e:
                 raise CommError(f"node {self.uid}: cannot resolve host {host!r} of machine {machine} "
-                                f"(run.ip_file): {e}") from None
+                                f"(run.hosts or run.ip_file): {e}") from None
             self._machine_ips[machine] = list(dict.fromkeys(ai[4][0] for ai in found))
         self._hosts = {ip for ips in self._machine_ips.values() for ip in ips}
 
@@ -503,13 +503,16 @@ class TorrentTransport(ZmqTransport):
             for peer in to:
                 self.control.send(peer, DATA, body)
             self.count_payload(sent=tensor_bytes(tensors) * len(to))
+            log.debug("node %d: published %r inline (%d bytes) to %s", self.uid, key, len(body), to)
             return
         t, meta = self._seed(key, encode_payload(key, self.uid, tensors), to)
         body = announcement_body(self.wire_head(key, header), meta, to, t.info.total_size())
         if not t.ready.wait(SEED_TIMEOUT):
-            log.warning("node %d: torrent for %r not seeding after %g s; announcing anyway", self.uid, key, SEED_TIMEOUT)
+            log.warning("node %d: torrent for %r not seeding after %g s; announcing anyway",
+                        self.uid, key, SEED_TIMEOUT)
         for peer in to:
             self.control.send(peer, TORRENT, body)
+        log.debug("node %d: published %r as a torrent (%d bytes) to %s", self.uid, key, t.info.total_size(), to)
 
     def _seed(self, key: str, blob: bytes, to: Sequence[int]) -> tuple[Outgoing, bytes]:
         """Spool `blob` (a payload file), make its torrent and seed it; returns it and the

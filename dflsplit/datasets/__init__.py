@@ -68,21 +68,23 @@ def build_dataset(cfg: Config) -> Dataset:
     return cls(cfg.dataset, cfg.resolve(cfg.dataset.root), cfg.run.seed)
 
 
-def prepare_dataset(cfg: Config) -> None:
-    """One-time preparation (format conversion, caches) before node processes start.
-    Idempotent, and safe when several processes or machines run it at once."""
+def prepare_dataset(cfg: Config) -> Dataset:
+    """One-time preparation (format conversion, caches) before node processes start, and
+    the dataset it prepared (the launcher hands it to every node it forks). Idempotent,
+    and safe when several processes or machines run it at once."""
     cls = _dataset_class(cfg)
     cls.prepare(cfg.dataset, cfg.resolve(cfg.dataset.root))
+    return cls(cfg.dataset, cfg.resolve(cfg.dataset.root), cfg.run.seed)
 
 
-def preload_global_test_set(cfg: Config, memory_format=None) -> None:
+def preload_global_test_set(cfg: Config, memory_format=None, dataset: Dataset | None = None) -> None:
     """Load the whole test set once in this process (`dataset.test: global`), so that node
     processes forked afterwards share it instead of loading their own copies; it replaces
     the set a previous call kept. Images are stored in `memory_format` (e.g.
     torch.channels_last), the layout the nodes use."""
     if cfg.dataset.test != "global":
         return
-    ds = build_dataset(cfg)
+    ds = dataset if dataset is not None else build_dataset(cfg)
     indices = ds.test_indices(cfg.num_nodes, 0)
     x, y = ds.load_test(indices)
     if memory_format is not None and x.dim() == 4:
@@ -91,7 +93,8 @@ def preload_global_test_set(cfg: Config, memory_format=None) -> None:
     _GLOBAL_TEST[_global_test_key(cfg, indices)] = (x, y)
 
 
-def load_node_data(cfg: Config, uid: int, shard: tuple[int, int] | None | str = "uid") -> NodeData:
+def load_node_data(cfg: Config, uid: int, shard: tuple[int, int] | None | str = "uid",
+                   dataset: Dataset | None = None) -> NodeData:
     """Node `uid`'s training shard and its test set (`cfg.dataset.test`: 'global' = the
     whole test set, 'local' = its IID share; at most `max_test` samples either way).
 
@@ -100,12 +103,13 @@ def load_node_data(cfg: Config, uid: int, shard: tuple[int, int] | None | str = 
     training data (a node that does not train, e.g. a federated server).
 
     Only that shard is read into memory; a whole test set of a file-backed dataset is a
-    copy-on-write map of a cache file that all node processes share.
+    copy-on-write map of a cache file that all node processes share. `dataset`: the one
+    the launcher prepared (built here when None).
     """
     n = cfg.num_nodes
     if not 0 <= uid < n:
         raise ValueError(f"node uid {uid} is out of range: the config has {n} nodes (uids 0..{n - 1})")
-    ds = build_dataset(cfg)
+    ds = dataset if dataset is not None else build_dataset(cfg)
     if shard == "uid":
         shard = (uid, n)
     if shard is None:

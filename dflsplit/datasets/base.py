@@ -127,12 +127,16 @@ class Dataset:
 
     # --- partitions --------------------------------------------------------------
     def partition_train(self, num_nodes: int) -> list[np.ndarray]:
-        """Every node's training indices for `cfg.partition` (index = node uid)."""
-        c = self.cfg
-        return partition_indices(
-            self.train_labels(), num_nodes, c.partition, self.seed,
-            alpha=c.alpha, shards_per_node=c.shards_per_node,
-        )
+        """Every node's training indices for `cfg.partition` (index = node uid); computed
+        once per node count and kept (the launcher computes it before forking the nodes)."""
+        cache = self.__dict__.setdefault("_partitions", {})
+        if num_nodes not in cache:
+            c = self.cfg
+            cache[num_nodes] = partition_indices(
+                self.train_labels(), num_nodes, c.partition, self.seed,
+                alpha=c.alpha, shards_per_node=c.shards_per_node,
+            )
+        return cache[num_nodes]
 
     def test_indices(self, num_nodes: int, uid: int) -> np.ndarray | None:
         """Test indices node `uid` holds: None = the whole test set (cfg.test 'global'),

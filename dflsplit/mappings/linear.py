@@ -33,10 +33,10 @@ class LinearMapping:
             raise MappingError(
                 f"no host for machine(s) {missing}; the ip mapping holds {self._listing()}"
             )
-        if base_port + PORTS_PER_NODE * self.num_nodes > 65535:
+        if base_port + PORTS_PER_NODE * self.num_nodes + 1 > 65535:
             raise MappingError(
                 f"base_port {base_port} leaves too few ports for {self.num_nodes} nodes "
-                f"({PORTS_PER_NODE} each)"
+                f"({PORTS_PER_NODE} each, and one for the run's coordinator)"
             )
 
     def _listing(self) -> str:
@@ -44,9 +44,13 @@ class LinearMapping:
 
     @classmethod
     def from_config(cls, cfg) -> "LinearMapping":
-        """Build from a Config's `run` section (ip_file optional: all machines on 127.0.0.1)."""
+        """Build from a Config's `run` section: hosts from `run.hosts`, else `run.ip_file`,
+        else every machine on 127.0.0.1 (one machine only)."""
         r = cfg.run
-        if r.ip_file is None:
+        source = "run.hosts"
+        if r.hosts is not None:
+            hosts = dict(r.hosts)
+        elif r.ip_file is None:
             if r.machines != 1:
                 raise MappingError(
                     f"{cfg.path or '<config>'}: section 'run': key 'ip_file' is required when "
@@ -55,11 +59,11 @@ class LinearMapping:
             hosts = {0: "127.0.0.1"}
         else:
             hosts = read_ip_file(cfg.resolve(r.ip_file))
+            source = str(r.ip_file)
         mapping = cls(r.machines, r.procs_per_machine, hosts, r.base_port)
         if r.machine_id not in mapping.hosts:
             raise MappingError(
-                f"{r.ip_file}: this machine (machine_id {r.machine_id}) is not in the ip file; "
-                f"it holds {mapping._listing()}"
+                f"{source}: this machine (machine_id {r.machine_id}) is not in it; it holds {mapping._listing()}"
             )
         return mapping
 
@@ -95,6 +99,27 @@ class LinearMapping:
 
     def ports(self, uid: int) -> list[int]:
         return [self.control_port(uid), self.data_port(uid)]
+
+    @property
+    def coordinator_port(self) -> int:
+        """The port of the run's coordinator (machine 0's launcher): the one after the nodes'."""
+        return self.base_port + PORTS_PER_NODE * self.num_nodes
+
+    @property
+    def coordinator_address(self) -> str:
+        return f"tcp://{self.hosts[0]}:{self.coordinator_port}"
+
+    def resolve_hosts(self, source: str = "the ip file") -> dict[int, str]:
+        """Machine id → an IP address of its host; MappingError naming the machine, the host
+        and the resolver's error for a host that does not resolve."""
+        out = {}
+        for m in range(self.machines):
+            host = self.hosts[m]
+            try:
+                out[m] = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+            except (socket.gaierror, UnicodeError) as e:
+                raise MappingError(f"{source}: machine {m}'s host {host!r} does not resolve ({e})") from None
+        return out
 
     def _check(self, uid: int) -> None:
         if not 0 <= uid < self.num_nodes:

@@ -73,8 +73,15 @@ class Node:
 
     @classmethod
     def topology(cls, cfg):
-        """The peer graph of a run of this node type (called once by the launcher)."""
+        """The peer graph of a run of this node type."""
         return graph_from_config(cfg)
+
+    @classmethod
+    def prepare(cls, cfg, dataset=None) -> dict[str, Any]:
+        """What every node of a run derives from the config, built once by the launcher and
+        handed to each node in its context: ``graph`` (the peer graph) at least. `dataset`:
+        the prepared dataset, when the derivation needs it."""
+        return {"graph": cls.topology(cfg)}
 
     @classmethod
     def local_uids(cls, cfg, mapping) -> list[int]:
@@ -103,8 +110,21 @@ class Node:
         """Nodes this one exchanges with (handshake targets)."""
         return self.ctx["graph"].neighbors(self.uid)
 
-    def connect(self) -> None:
-        self.transport.connect(self.peers())
+    def connect(self, timeout: float | None = None) -> None:
+        """Handshake with every peer within `timeout` s; a PeerTimeout names the missing peers'
+        machines and hosts."""
+        from ..communication import PeerTimeout
+
+        try:
+            self.transport.connect(self.peers(), timeout)
+        except PeerTimeout as e:
+            mapping = self.ctx.get("mapping")
+            peers = e.peer if isinstance(e.peer, (list, tuple)) else [e.peer]
+            if mapping is None or not peers:
+                raise
+            machines = sorted({mapping.machine_rank(p)[0] for p in peers})
+            where = ", ".join(f"machine {m} ({mapping.hosts[m]})" for m in machines)
+            raise PeerTimeout(peers, "HELLO", e.timeout, self.uid, detail=f"on {where}") from None
 
     def run_round(self, round_: int) -> dict[str, Any]:
         """One round; returns the round's record fields (train_loss at least)."""
@@ -150,9 +170,13 @@ class Node:
 
     def run(self) -> None:
         t0 = time.perf_counter()
-        self.connect()
+        start = self.ctx.get("start")
+        self.connect(max(1.0, start.left()) if start is not None else None)
         self.log.info("connected to %d peers in %.2f s", len(self.peers()), time.perf_counter() - t0)
         self.report({"event": "connected", "uid": self.uid, "time": time.time()})
+        if start is not None:
+            start.wait(self.uid)  # every node of every machine is connected
+            self.log.debug("start signal after %.2f s", time.perf_counter() - t0)
         for r in range(self.cfg.run.rounds):
             self.transport.advance(r)
             t0 = time.perf_counter()
@@ -170,6 +194,8 @@ class Node:
             record.update(**metrics, eval_seconds=eval_seconds, **self.traffic(), wall_time=time.time())
             self.results.append(record)
             self.report({"event": "round", "uid": self.uid, **record})
+            self.log.debug("round %d: %.3f s, evaluation %.3f s, %d bytes sent", r, record["round_seconds"],
+                           eval_seconds, record["bytes_sent"])
             if test_acc is not None:
                 self.log.info("round %d: train_loss %.4f test_acc %.4f", r, record.get("train_loss") or float("nan"), test_acc)
         if self.cfg.node.save_model:

@@ -88,21 +88,22 @@ def batch_sampler(cfg, uid: int, num_samples: int) -> BatchSampler:
     return BatchSampler(num_samples, cfg.training.batch_size, torch.Generator().manual_seed(cfg.run.seed * 100003 + uid))
 
 
-def steps_per_epoch(cfg) -> int:
+def steps_per_epoch(cfg, dataset=None) -> int:
     """Steps for every owner to pass over its shard once: max over owners of ceil(n / batch)."""
     from ..datasets import build_dataset
 
-    sizes = [len(ix) for ix in build_dataset(cfg).partition_train(cfg.num_nodes)]
+    dataset = dataset if dataset is not None else build_dataset(cfg)
+    sizes = [len(ix) for ix in dataset.partition_train(cfg.num_nodes)]
     b = cfg.training.batch_size
     return max(math.ceil(n / min(b, n)) for n in sizes if n > 0)
 
 
-def split_timeline(cfg) -> tuple[int, int]:
+def split_timeline(cfg, dataset=None) -> tuple[int, int]:
     """(steps per round, steps between synchronisations) of a config."""
     t, sp = cfg.training, cfg.split
     epoch = None
     if t.local_steps is None or sp.sync_unit == "epochs":
-        epoch = steps_per_epoch(cfg)
+        epoch = steps_per_epoch(cfg, dataset)
     steps = t.local_steps if t.local_steps is not None else max(1, math.ceil(t.local_epochs * epoch))
     period = sp.sync_every if sp.sync_unit == "steps" else sp.sync_every * epoch
     return steps, period
@@ -131,7 +132,7 @@ class SplitNode(Node):
     def __init__(self, context):
         super().__init__(context)
         cfg, sp = self.cfg, self.cfg.split
-        self.stages = stage_mapping(cfg)
+        self.stages = context["stages"] if "stages" in context else stage_mapping(cfg)
         self.client = uid_to_client(self.uid)
         self.P = self.stages.P
         parts = list(self.model.children())
@@ -139,7 +140,7 @@ class SplitNode(Node):
             raise SplitError(f"model {cfg.model.name!r} has {len(parts)} partitions, the stage configuration {self.P}")
         self.device = context.get("device", "cpu")
         self.aggregation = context["sharing"].aggregate_fn  # replica sync across clients (sharing.aggregator)
-        self.steps_per_round, period = split_timeline(cfg)
+        self.steps_per_round, period = context["timeline"] if "timeline" in context else split_timeline(cfg)
         self.plan = SplitPlan(self.stages, self.client, sp.micro_batches, sp.sync, period, relay=sp.mode == "relay")
         self.replicas = {
             (o, p): Replica(o, p, copy.deepcopy(parts[p - 1]), cfg.optimizer) for o, p in self.plan.hosted
@@ -165,10 +166,16 @@ class SplitNode(Node):
 
     # the launcher's hooks ----------------------------------------------------------------
     @classmethod
-    def topology(cls, cfg) -> Graph:
+    def topology(cls, cfg, stages=None) -> Graph:
         """The peer graph of the stage configuration (clients that exchange activations), in uids."""
-        m = stage_mapping(cfg)
+        m = stages if stages is not None else stage_mapping(cfg)
         return Graph(cfg.num_nodes, [(client_to_uid(u), client_to_uid(v)) for u, v in m.peer_graph()])
+
+    @classmethod
+    def prepare(cls, cfg, dataset=None) -> dict[str, Any]:
+        """The stage mapping (parsed and validated once), its peer graph and the timeline."""
+        m = stage_mapping(cfg)
+        return {"graph": cls.topology(cfg, m), "stages": m, "timeline": split_timeline(cfg, dataset)}
 
     def peers(self) -> list[int]:
         """Everyone this node exchanges with: pipeline neighbours, sync partners, and the
