@@ -30,7 +30,10 @@ def _add_run(sub) -> None:
                    "writes into its machine_<id>/ subfolder")
     p.add_argument("--overwrite", action="store_true", help="replace this machine's results in an existing run folder")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its nodes' checkpoints (node.checkpoint_every)")
+                   help="continue the run in --out from its nodes' checkpoints (run.checkpoint_every): every machine "
+                   "restarted (they meet at the start barrier again), or with --nodes only those nodes, which "
+                   "rejoin the run that goes on without them")
+    p.add_argument("--nodes", help="with --resume: the uids of this machine's nodes to restart, e.g. 3,7")
     p.add_argument("--no-slurm", action="store_true",
                    help="ignore SLURM_JOB_NODELIST / SLURM_NODEID (by default they give the machines and this id)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -103,8 +106,18 @@ def _cmd_run(args) -> int:
     from .launch import run_experiment
 
     cfg = load_config(args.config, run_overrides(args), unset=args.unset)
+    nodes = None
+    if args.nodes:
+        try:
+            nodes = [int(u) for u in args.nodes.split(",") if u.strip()]
+        except ValueError:
+            raise ValueError(f"--nodes: expected uids separated by commas, e.g. 3,7; got {args.nodes!r}") from None
     summary = run_experiment(cfg, args.out, progress=False if args.no_progress else None,
-                             overwrite=args.overwrite, resume=args.resume)
+                             overwrite=args.overwrite, resume=args.resume, nodes=nodes)
+    if summary.get("rejoined"):
+        print(f"{summary['name']}: node(s) {summary['rejoined']} rejoined run {summary['run_id']} and finished; "
+              f"results: {summary['machine_dir']}")
+        return 0
     n = summary["nodes"]
     where = "" if summary["machines"] == 1 else (
         f" (machine {summary['machine_id']} of {summary['machines']})" if summary["machine_id"] else
@@ -114,6 +127,9 @@ def _cmd_run(args) -> int:
         f"test accuracy mean {summary['test_acc_mean']:.4f} ± {summary['test_acc_std']:.4f} (std over nodes)"
     )
     print(f"results: {summary['run_dir']}  (plot with: dflsplit plot {summary['run_dir']})")
+    if summary.get("failed_nodes"):
+        print(f"{len(summary['failed_nodes'])} node(s) failed and the others went on: "
+              f"{', '.join(summary['failed_nodes'])} (run.on_peer_failure: skip)")
     return 0
 
 

@@ -77,6 +77,17 @@ class RunConfig:
                                 "machine 0 uses the port after the nodes' ports", ge=1024, le=65000)
     start_timeout: float = key(
         120.0, "seconds for the start barrier: every machine joins and every node completes its handshakes", gt=0)
+    on_peer_failure: Literal["fail", "skip"] = key(
+        "fail", "a peer's message that does not come by the round's deadline: fail the node, or skip: go on "
+                "with what arrived (weights renormalised)")
+    silent_rounds: int = key(2, "with skip: rounds a neighbour may miss before it is dropped from the view "
+                                "(until it rejoins)", ge=1)
+    checkpoint_every: int = key(0, "rounds between checkpoints of each node (0: none; the last round is always "
+                                   "checkpointed when set); --resume continues from them", ge=0)
+    crash: dict[int, int] = key(doc="failure injection: node uid -> round at whose start it kills itself (SIGKILL)",
+                                factory=dict)
+    absent: dict[int, list[int]] = key(doc="failure injection: node uid -> [first, last] rounds it sits out, as a "
+                                           "node killed and resumed would", factory=dict)
     device: Literal["auto", "cpu", "cuda"] = key("auto", "torch device; auto: cuda when available, else cpu")
     threads_per_proc: int = key(0, "torch threads per node (0: cores / procs_per_machine)", ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = key("INFO", "level of the node logs (node_<uid>.log)")
@@ -555,6 +566,22 @@ def _validate(cfg: Config, source: str) -> None:
             registry.get(getattr(getattr(cfg, section), key_))
         except KeyError as e:
             raise ConfigError(f"{source}: section {section!r}: key {key_!r}: {e.args[0]}") from None
+    r = cfg.run
+    for key_, uids in (("crash", r.crash), ("absent", r.absent)):
+        bad = [u for u in uids if not 0 <= u < cfg.num_nodes]
+        if bad:
+            raise ConfigError(f"{source}: section 'run': key {key_!r}: uid {bad[0]} is not a node of the run "
+                              f"(uids 0..{cfg.num_nodes - 1})")
+    for u, span in r.absent.items():
+        if len(span) != 2 or not 0 <= span[0] <= span[1] < r.rounds:
+            raise ConfigError(f"{source}: section 'run': key 'absent': node {u}: expected [first, last] rounds "
+                              f"with 0 <= first <= last < rounds ({r.rounds}), got {span}")
+    if (r.crash or r.absent) and r.on_peer_failure != "skip":
+        raise ConfigError(f"{source}: section 'run': keys 'crash'/'absent' make nodes miss rounds; set "
+                          f"on_peer_failure: skip (got {r.on_peer_failure!r})")
+    if r.on_peer_failure == "skip" and cfg.node.name == "split":
+        raise ConfigError(f"{source}: section 'run': key 'on_peer_failure': a split-learning pipeline cannot go "
+                          f"on without a stage; 'skip' is for gossip and federated nodes")
     a = cfg.attack
     bad = [u for u in a.nodes if u >= cfg.num_nodes]
     if bad:

@@ -84,6 +84,7 @@ class Coordinator:
     start_timeout: float
     say: Callable[[str], None] = field(default=lambda line: None)
     run_id: str = ""
+    first_round: int = 0
     _ctx: Any = None
     _sock: Any = None
     _machines: dict[int, _Machine] = field(default_factory=dict)
@@ -199,11 +200,14 @@ class Coordinator:
                         f"(run.start_timeout) for {self.describe(0)}, which never answered")
         return self.run_id
 
-    def ready(self) -> None:
-        """Every node of this machine completed its handshakes."""
+    def ready(self, first_round: int = 0) -> None:
+        """Every node of this machine completed its handshakes; `first_round`: the earliest
+        round its nodes can start at (after a restart: past their checkpoints). The run
+        starts at the latest of all machines' (`first_round` once `poll` said start)."""
         self._machines[self.machine_id].ready = True
+        self.first_round = max(self.first_round, first_round)
         if not self.single and self.machine_id != 0:
-            self._send("READY", {"machine": self.machine_id})
+            self._send("READY", {"machine": self.machine_id, "round": first_round})
 
     def poll(self, timeout: float = 0.0) -> bool:
         """Handle coordinator traffic for up to `timeout` seconds; True once the run may start.
@@ -219,7 +223,7 @@ class Coordinator:
                 self._serve(max(0.0, min(0.05, end - time.monotonic())))
                 if not self._start and all(m.ready for m in self._machines.values()):
                     self._start = True
-                    self._broadcast("START", {})
+                    self._broadcast("START", {"round": self.first_round})
             else:
                 got = self._recv(max(0.0, min(0.05, end - time.monotonic())))
                 if got is not None:
@@ -313,6 +317,9 @@ class Coordinator:
         elif kind == "READY":
             info.ready = True
             info.last_beat = time.monotonic()
+            r = body.get("round")
+            if isinstance(r, int) and not isinstance(r, bool):
+                self.first_round = max(self.first_round, r)
         elif kind == "FAILED":
             reason = f"{self.describe(m)} failed: {str(body.get('reason'))[:2000]}"
             self.abort(reason)
@@ -326,6 +333,9 @@ class Coordinator:
             self._last_beat = 0.0
         elif kind == "START":
             self._start = True
+            r = body.get("round")
+            if isinstance(r, int) and not isinstance(r, bool):
+                self.first_round = r
         elif kind == "REFUSE":
             raise BarrierFailed(f"start barrier: machine 0 ({self.hosts[0]}) refused machine {self.machine_id}: "
                                 f"{str(body.get('reason'))[:2000]}")

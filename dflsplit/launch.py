@@ -66,11 +66,16 @@ class StartTimeout(RuntimeError):
 
 @dataclass
 class StartSignal:
-    """Set by the launcher when the run may begin round 0 (every node of every machine
-    completed its handshakes); `deadline` (time.monotonic) ends the start barrier."""
+    """Set by the launcher when the run may begin (every node of every machine completed
+    its handshakes); `deadline` (time.monotonic) ends the start barrier; `round` (a shared
+    integer) is the first round, after a restart the one every machine agreed on."""
 
     event: Any
     deadline: float
+    round: Any = None
+
+    def first_round(self) -> int:
+        return int(self.round.value) if self.round is not None else 0
 
     def left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
@@ -149,7 +154,7 @@ def config_hash(cfg: Config, graph, mapping) -> str:
 
 def node_main(cfg: Config, uid: int, run_dir: Path, mapping, prepared: dict[str, Any],
               report: Callable[[dict], None], identity: dict[str, Any] | None = None,
-              start: StartSignal | None = None, dataset=None) -> None:
+              start: StartSignal | None = None, dataset=None, resume: str | None = None) -> None:
     """Build one node's parts and run it; called in the node's own process. `run_dir` is the
     folder of this machine's results; `prepared` what `Node.prepare` built in the launcher."""
     import torch
@@ -188,7 +193,7 @@ def node_main(cfg: Config, uid: int, run_dir: Path, mapping, prepared: dict[str,
     context = dict(
         cfg=cfg, uid=uid, mapping=mapping, transport=transport, model=model, data=data,
         training=training, sharing=sharing, device=device, results=results, report=report,
-        run_dir=run_dir, start=start, **prepared,
+        run_dir=run_dir, start=start, resume=resume, **prepared,
     )
     finished = False
     try:
@@ -207,7 +212,8 @@ def _stop_node(signum, frame):
     raise NodeStopped(f"stopped by signal {signum}")
 
 
-def _child(cfg: Config, uid: int, run_dir: Path, mapping, prepared, events, identity, start, dataset) -> None:
+def _child(cfg: Config, uid: int, run_dir: Path, mapping, prepared, events, identity, start, dataset,
+           resume=None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which stops the nodes
     signal.signal(signal.SIGTERM, _stop_node)
     root = logging.getLogger()
@@ -218,7 +224,7 @@ def _child(cfg: Config, uid: int, run_dir: Path, mapping, prepared, events, iden
     root.addHandler(handler)
     root.setLevel(cfg.run.log_level)
     try:
-        node_main(cfg, uid, run_dir, mapping, prepared, events.put, identity, start, dataset)
+        node_main(cfg, uid, run_dir, mapping, prepared, events.put, identity, start, dataset, resume)
     except NodeStopped:
         logging.getLogger(f"dflsplit.node.{uid}").warning("node %d stopped by the launcher", uid)
         handler.flush()
@@ -309,6 +315,7 @@ def run_experiment(
     overwrite: bool = False,
     resume: bool = False,
     say: Callable[[str], None] | None = None,
+    nodes: list[int] | None = None,
 ) -> dict[str, Any]:
     """Run this machine's nodes of `cfg` to completion and return the summary.
 
@@ -318,8 +325,15 @@ def run_experiment(
     With several machines the launchers first agree on the run (start barrier, lines
     about who is missing go to `say`, stderr by default). Machine 0 returns (and writes
     to ``<run>/summary.json``) the summary of every node of the run; other machines
-    return their own nodes'. Raises RunFailed if a node or another machine fails, and
-    RunInterrupted on Ctrl-C or SIGTERM.
+    return their own nodes'.
+
+    `resume` continues the run in `out_dir` from its nodes' checkpoints: every node of
+    every machine (all restarted, after a start barrier; they agree on the first round),
+    or only the nodes in `nodes`, which rejoin the run that goes on without them.
+
+    Raises RunFailed if a node or another machine fails (with ``run.on_peer_failure:
+    skip`` a node that dies is reported and the others go on), and RunInterrupted on
+    Ctrl-C or SIGTERM.
     """
     from .datasets import prepare_dataset, preload_global_test_set
     from .node import NODES
@@ -330,11 +344,18 @@ def run_experiment(
     mapping.resolve_hosts(str(cfg.run.ip_file or "run.hosts"))  # a host that does not resolve fails here
     check_curve_keys(cfg, mapping)
     node_cls = NODES.get(cfg.node.name)
+    uids = node_cls.local_uids(cfg, mapping)
+    if nodes is not None:
+        if not resume:
+            raise RunFailed("nodes: starting some of a machine's nodes is for --resume (a node rejoining its run)")
+        bad = sorted(set(nodes) - set(uids))
+        if bad:
+            raise RunFailed(f"nodes {bad} are not nodes of machine {cfg.run.machine_id} ({uids[0]}..{uids[-1]})")
+        uids = sorted(set(nodes))
     keep_freed_memory()
     dataset = prepare_dataset(cfg)
     prepared = node_cls.prepare(cfg, dataset)
     graph = prepared["graph"]
-    uids = node_cls.local_uids(cfg, mapping)
     for shard in {node_cls.data_shard(cfg, u) for u in uids} - {None}:
         dataset.partition_train(shard[1])  # once here, inherited by every node
     warm_up(cfg)
@@ -344,6 +365,8 @@ def run_experiment(
     for uid in uids:
         mapping.check_ports_free(uid)
     digest = config_hash(cfg, graph, mapping)
+    if resume and nodes is not None:
+        return _rejoin(cfg, uids, out_dir, mapping, prepared, digest, dataset, progress, on_event, launch, say)
     start_timeout = cfg.run.start_timeout
     coord = Coordinator(cfg.run.machine_id, {m: mapping.hosts[m] for m in range(mapping.machines)},
                         mapping.coordinator_address, digest, start_timeout, say=say)
@@ -358,15 +381,17 @@ def run_experiment(
                 raise RunFailed(str(e)) from None
             run_dir, mdir = make_run_dirs(cfg, out_dir, run_id, overwrite, resume)
             identity = {"run": run_id, "config": digest}
-            info = {"run_id": run_id, "config_hash": digest, "machine_id": cfg.run.machine_id,
-                    "machines": mapping.machines, "hosts": {str(m): h for m, h in mapping.hosts.items()},
-                    "nodes": sorted(uids), "host": socket.gethostname(), "pid": os.getpid(), "launched": launch}
-            write_json(mdir / "run.json", info)
-            dump_config(cfg, mdir / "config.yaml")
-            graph.write(mdir / "graph.edges")
+            if not resume:
+                info = {"run_id": run_id, "config_hash": digest, "machine_id": cfg.run.machine_id,
+                        "machines": mapping.machines, "hosts": {str(m): h for m, h in mapping.hosts.items()},
+                        "nodes": sorted(uids), "host": socket.gethostname(), "pid": os.getpid(), "launched": launch}
+                write_json(mdir / "run.json", info)
+                dump_config(cfg, mdir / "config.yaml")
+                graph.write(mdir / "graph.edges")
             log.debug("machine %d: run %s in %s", cfg.run.machine_id, run_id, mdir)
+            floor = max((resume_floor(mdir, u) for u in uids), default=0) if resume else 0
             records, timing = _run_nodes(cfg, uids, mdir, mapping, prepared, identity, dataset, coord, progress,
-                                         on_event, launch, start_timeout)
+                                         on_event, launch, "restart" if resume else None, floor, say)
             summary = {
                 "name": cfg.run.name, "run_id": run_id, "run_dir": str(run_dir), "machine_dir": str(mdir),
                 "machine_id": cfg.run.machine_id, "machines": mapping.machines, "rounds": cfg.run.rounds,
@@ -387,6 +412,50 @@ def run_experiment(
         coord.close()
 
 
+def resume_floor(mdir: Path, uid: int) -> int:
+    """The first round node `uid` can resume at: after its checkpoint and its last record."""
+    from .node.checkpoint import folder_of
+    from .results import node_file
+
+    head = read_json(folder_of(mdir) / f"node_{uid}.json")
+    if "round" not in head:
+        raise RunFailed(f"--resume: node {uid} has no checkpoint in {folder_of(mdir)} (set run.checkpoint_every)")
+    last = int(head["round"])
+    path = node_file(mdir, uid)
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                last = max(last, int(json.loads(line)["round"]))
+            except (ValueError, KeyError, TypeError):
+                pass
+    return last + 1
+
+
+def _rejoin(cfg, uids, out_dir, mapping, prepared, digest, dataset, progress, on_event, launch, say):
+    """Restart `uids` from their checkpoints into their run, which goes on without them."""
+    if out_dir is None:
+        raise RunFailed("--resume needs the run folder (--out RUN_DIR)")
+    mdir = machine_dir(out_dir, cfg.run.machine_id)
+    info = read_json(mdir / "run.json")
+    if not info.get("run_id"):
+        raise RunFailed(f"--resume: {mdir / 'run.json'} does not name a run")
+    if info.get("config_hash") != digest:
+        raise RunFailed(f"--resume: the config differs from the one {out_dir} was run with (config hash "
+                        f"{digest[:12]} against {str(info.get('config_hash'))[:12]})")
+    for uid in uids:
+        resume_floor(mdir, uid)  # fails now, naming the node, when it has no checkpoint
+    identity = {"run": info["run_id"], "config": digest}
+    with _sigterm_as_interrupt():
+        records, timing = _run_nodes(cfg, uids, mdir, mapping, prepared, identity, dataset, None, progress,
+                                     on_event, launch, "rejoin", 0, say)
+    if timing["failed_nodes"]:
+        raise RunFailed("; ".join(f"node {u} failed again: {what}" for u, what in timing["failed_nodes"].items()))
+    return {"name": cfg.run.name, "run_id": info["run_id"], "run_dir": str(out_dir), "machine_dir": str(mdir),
+            "machine_id": cfg.run.machine_id, "machines": mapping.machines, "rounds": cfg.run.rounds,
+            "transport": cfg.communication.name, "launch_time": launch, "rejoined": uids, **timing,
+            **summarize(records)}
+
+
 def _resume_run_id(cfg: Config, out_dir) -> str | None:
     if out_dir is None:
         raise RunFailed("--resume needs the run folder (--out RUN_DIR)")
@@ -394,46 +463,78 @@ def _resume_run_id(cfg: Config, out_dir) -> str | None:
 
 
 def _run_nodes(cfg, uids, mdir, mapping, prepared, identity, dataset, coord, progress, on_event, launch,
-               start_timeout) -> tuple[dict[int, list[dict]], dict[str, Any]]:
-    """Fork the nodes, drive the start barrier, follow progress; (the nodes' records, start-up
-    and wall time) once every node finished. Raises RunFailed / RunInterrupted."""
+               resume, floor, say) -> tuple[dict[int, list[dict]], dict[str, Any]]:
+    """Fork the nodes, drive the start barrier (`coord`; None: a rejoin, no barrier), follow
+    progress; (the nodes' records, start-up and wall time) once every node finished or, with
+    ``run.on_peer_failure: skip``, died. Raises RunFailed / RunInterrupted."""
     ctx = mp.get_context("fork")
     events = ctx.Queue()
-    start = StartSignal(ctx.Event(), max(time.monotonic() + 1.0, coord.deadline))
-    procs = {uid: ctx.Process(target=_child, args=(cfg, uid, mdir, mapping, prepared, events, identity, start, dataset),
+    start = None
+    if coord is not None:
+        start = StartSignal(ctx.Event(), max(time.monotonic() + 1.0, coord.deadline), ctx.Value("i", floor))
+    procs = {uid: ctx.Process(target=_child, args=(cfg, uid, mdir, mapping, prepared, events, identity, start, dataset,
+                                                   resume),
                               name=f"node-{uid}", daemon=False) for uid in uids}
     for p in procs.values():
         p.start()
     show = cfg.run.progress if progress is None else progress
+    skip = cfg.run.on_peer_failure == "skip"
     bar = None
     rounds_done = {uid: 0 for uid in uids}
     connected: set[int] = set()
     first_round: dict[int, float] = {}
     done: set[int] = set()
+    failed: dict[int, str] = {}
     error: str | None = None
     interrupted = False
-    started = False
+    started = coord is None
+    ready_sent = False
+
+    def node_failed(uid: int, what: str) -> str | None:
+        """A node died: the run's error, or None when the run goes on without it."""
+        text = f"node {uid} failed: {what}; see {mdir / ('node_%d.log' % uid)}"
+        if not skip:
+            return text
+        failed[uid] = what
+        say(f"{text}; the other nodes go on (run.on_peer_failure: skip)")
+        connected.add(uid)
+        return None
+
+    last_check = time.monotonic()
     try:
-        while len(done) < len(uids) and error is None:
+        while len(done) + len(failed) < len(uids) and error is None:
+            if time.monotonic() - last_check > 0.5:  # a node that died without a word (e.g. SIGKILL)
+                last_check = time.monotonic()
+                for u, p in procs.items():
+                    if u not in done and u not in failed and p.exitcode not in (None, 0):
+                        error = node_failed(u, f"process exited with code {p.exitcode}")
+                        if error:
+                            break
+                if error:
+                    break
             try:
                 if not started:
+                    if len(connected) == len(uids) and not ready_sent:
+                        coord.ready(floor)
+                        ready_sent = True
+                        log.debug("machine %d: every node connected in %.2f s", cfg.run.machine_id,
+                                  time.time() - launch)
                     started = coord.poll(0.0)
                     if started:
+                        start.round.value = coord.first_round
                         start.event.set()
-                        log.debug("machine %d: every machine is ready: start", cfg.run.machine_id)
+                        log.debug("machine %d: every machine is ready: start at round %d", cfg.run.machine_id,
+                                  coord.first_round)
                         if show:
                             from tqdm import tqdm
 
                             bar = tqdm(total=cfg.run.rounds, desc=f"{cfg.run.name} ({len(uids)} nodes)",
                                        unit="round", file=sys.stderr)
-                elif coord.machines > 1:
+                elif coord is not None and coord.machines > 1:
                     coord.poll(0.0)  # an ABORT from machine 0 ends this machine's run too
                 e = events.get(timeout=0.1 if not started else 1.0)
             except queue_mod.Empty:
-                dead = [u for u, p in procs.items() if u not in done and p.exitcode not in (None, 0)]
-                if dead:
-                    error = f"node {dead[0]} failed: process exited with code {procs[dead[0]].exitcode}; " \
-                            f"see {mdir / ('node_%d.log' % dead[0])}"
+                last_check = 0.0  # look for dead nodes now
                 continue
             except (BarrierFailed, RunAborted) as exc:
                 error = str(exc)
@@ -443,26 +544,23 @@ def _run_nodes(cfg, uids, mdir, mapping, prepared, identity, dataset, coord, pro
             kind = e.get("event")
             if kind == "connected":
                 connected.add(e["uid"])
-                if len(connected) == len(uids):
-                    coord.ready()
-                    log.debug("machine %d: every node connected in %.2f s", cfg.run.machine_id, time.time() - launch)
             elif kind == "round":
                 rounds_done[e["uid"]] = e["round"] + 1
-                if e["round"] == 0:
-                    first_round[e["uid"]] = e["wall_time"] - e["round_seconds"] - e["eval_seconds"]
+                first_round.setdefault(e["uid"], e["wall_time"] - e["round_seconds"] - e["eval_seconds"])
                 if bar is not None and min(rounds_done.values()) > bar.n:
                     bar.update(min(rounds_done.values()) - bar.n)
             elif kind == "done":
                 done.add(e["uid"])
-            elif kind == "error":
-                error = f"node {e['uid']} failed: {e['error']}; see {mdir / ('node_%d.log' % e['uid'])}"
+            elif kind == "error" and e["uid"] not in failed:
+                error = node_failed(e["uid"], e["error"])
     except KeyboardInterrupt:
         interrupted = True
     finally:
         if bar is not None:
             bar.close()
         if error is not None or interrupted:
-            coord.abort(error or f"machine {cfg.run.machine_id} was interrupted")
+            if coord is not None:
+                coord.abort(error or f"machine {cfg.run.machine_id} was interrupted")
             for p in procs.values():
                 if p.is_alive():
                     p.terminate()
@@ -479,7 +577,9 @@ def _run_nodes(cfg, uids, mdir, mapping, prepared, identity, dataset, coord, pro
         raise RunFailed(error)
     records = {u: r for u, r in read_run(mdir).items() if u in procs}
     timing = {
-        "startup_seconds": (max(first_round.values()) - launch) if len(first_round) == len(uids) else None,
+        "startup_seconds": (max(first_round.values()) - launch) if first_round and
+        len(first_round) == len(uids) - len(failed) else None,
         "wall_seconds": time.time() - launch,
+        "failed_nodes": {str(u): what for u, what in sorted(failed.items())},
     }
     return records, timing

@@ -5,7 +5,7 @@
 """
 
 from .base import (
-    TRANSPORTS, BindError, CommError, Message, PayloadMismatch, PayloadRejected, PeerTimeout, Transport,
+    TRANSPORTS, BindError, CommError, Message, PayloadMismatch, PayloadRejected, PeerGone, PeerTimeout, Transport,
     TransportFailed,
 )
 from .codec import CodecError, decode, encode
@@ -21,7 +21,7 @@ def build_transport(uid: int, mapping, cfg, identity: dict | None = None) -> Tra
 
 
 __all__ = [
-    "TRANSPORTS", "BindError", "CommError", "Message", "PayloadMismatch", "PayloadRejected", "PeerTimeout",
+    "TRANSPORTS", "BindError", "CommError", "Message", "PayloadMismatch", "PayloadRejected", "PeerGone", "PeerTimeout",
     "Transport", "TransportFailed",
     "CodecError", "decode", "encode", "build_transport",
 ]

@@ -48,6 +48,11 @@ class BindError(CommError):
     """A node cannot bind one of its ports (in use, or an address not of this machine)."""
 
 
+class PeerGone(PeerTimeout):
+    """The peer's process is gone (its connection closed) and its message had not come: no
+    need to wait for the deadline."""
+
+
 class PayloadRejected(CommError):
     """A payload refused on arrival: larger than its receiver expects, malformed, with other
     tensors than expected, or with NaN/inf values. The message names sender, key and reason."""
@@ -162,8 +167,11 @@ class Mailbox:
             self._cond.notify_all()
             return None
 
-    def take(self, match: Callable[[Message], bool], timeout: float) -> Message | None:
-        """Remove and return the first message for which `match(message)` is true, or None at timeout."""
+    def take(self, match: Callable[[Message], bool], timeout: float,
+             give_up: Callable[[], BaseException | None] | None = None) -> Message | None:
+        """Remove and return the first message for which `match(message)` is true, or None at
+        timeout; `give_up()` (asked while none matches, at least every 0.1 s) may return an
+        error to raise instead of waiting on."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -172,10 +180,19 @@ class Mailbox:
                 for i, m in enumerate(self._messages):
                     if match(m):
                         return self._messages.pop(i)
+                if give_up is not None:
+                    error = give_up()
+                    if error is not None:
+                        raise error
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
-                self._cond.wait(left)
+                self._cond.wait(left if give_up is None else min(left, 0.1))
+
+    def wake(self) -> None:
+        """Wake every waiting `take` to look again (e.g. a peer went away)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def expire(self, round_: int) -> int:
         """Enter `round_`: drop waiting messages stamped with an earlier round, and forget the
@@ -222,6 +239,16 @@ def check_payload(message: Message, expect: Mapping[str, tuple[Sequence, str]]) 
             problems.append(f"{name!r} is {got[name]}, expected {want[name]}")
     shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
     raise PayloadMismatch(f"payload {message.key!r} from node {message.sender} rejected: {shown}")
+
+
+def check_finite(message: Message) -> None:
+    """Raise PayloadRejected (naming sender, key and tensor) when a floating-point tensor of
+    the payload holds NaN or inf."""
+    for name, t in message.tensors.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise PayloadRejected(f"payload {message.key!r} from node {message.sender} rejected: {bad} non-finite "
+                                  f"value(s) in {name!r}")
 
 
 class Transport(ABC):
@@ -294,8 +321,11 @@ class Transport(ABC):
         tensors: Mapping[str, torch.Tensor],
         to: Sequence[int],
         header: Mapping[str, Any] | None = None,
+        persistent: bool = False,
     ) -> None:
-        """Make `tensors` available under `key` to every node in `to`."""
+        """Make `tensors` available under `key` to every node in `to`. The message carries
+        this node's round and expires at a receiver that is past it, unless `persistent`
+        (e.g. a rejoin announcement, which must be heard even late)."""
 
     @abstractmethod
     def receive(
@@ -313,6 +343,11 @@ class Transport(ABC):
 
     def advance(self, round_: int) -> None:
         """Tell the transport the node entered `round_` (retires old published keys)."""
+
+    def peer_rounds(self) -> dict[int, tuple[int, float]]:
+        """(round, seconds per round lately) of each peer when the handshake with it completed
+        (a node that rejoins a live run starts after them)."""
+        return {}
 
     @abstractmethod
     def close(self, timeout: float | None = None) -> None:

@@ -42,7 +42,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .base import (
-    BindError, CommError, DropCounter, Mailbox, Message, PayloadRejected, PeerTimeout, Transport, check_payload,
+    BindError, CommError, DropCounter, Mailbox, Message, PayloadRejected, PeerGone, PeerTimeout, Transport,
+    check_finite, check_payload,
 )
 from .codec import CodecError, decode, decode_header, encode, tensor_bytes
 from .keys import CurveKeys
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 HELLO, ACK, READY, REFUSE, BYE, DATA = b"HELLO", b"ACK", b"READY", b"REFUSE", b"BYE", b"DATA"
 HANDSHAKE = (HELLO, ACK, READY, REFUSE)
 HELLO_RESEND = 2.0  # seconds between HELLOs to a peer that has not answered
+GONE_GRACE = 0.5  # seconds a peer's connection is closed before a receive from it gives up
 CHALLENGE_INTERVAL = 1.0  # at most one HELLO per second to a peer in answer to its (new session) HELLO
 MAX_NONCES = 8  # outstanding HELLO nonces kept per peer
 
@@ -106,6 +108,8 @@ class ControlPlane:
         send_timeout: float = 120.0,
         dropped: DropCounter | None = None,
         on_failure: Callable[[BaseException, str], None] | None = None,
+        round_of: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
+        on_peer_down: Callable[[int], None] = lambda peer: None,
     ):
         self.uid = uid
         self.keys = keys
@@ -118,6 +122,8 @@ class ControlPlane:
         self.send_timeout = float(send_timeout)
         self.dropped = dropped or DropCounter(log, f"node {uid}")
         self.on_failure = on_failure or (lambda exc, where: log.error("node %d: %s failed: %r", uid, where, exc))
+        self.round_of = round_of
+        self.on_peer_down = on_peer_down
         self.up = TokenBucket(upload_limit)
         self.down = TokenBucket(download_limit)
         self.bytes_sent = 0
@@ -144,6 +150,9 @@ class ControlPlane:
                 f"{mapping.host(uid)} ({e}); choose another run.base_port"
             ) from None
         self._dealers: dict[int, zmq.Socket] = {}
+        self._dealer_monitors: dict[zmq.Socket, int] = {}  # monitor of our connection to a peer → peer
+        self._monitors_changed = False
+        self._down: dict[int, float] = {}  # peer → since when its connection is closed (monotonic)
         self._locks: dict[int, threading.Lock] = {}
         self._dealers_lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -157,6 +166,7 @@ class ControlPlane:
         self._sessions: dict[int, str] = {}
         self._challenged: dict[int, float] = {}  # peer → when we last sent it a HELLO
         self._refused: dict[int, str] = {}
+        self._peer_rounds: dict[int, tuple[int, float]] = {}  # (round, pace) of a peer when it answered our HELLO
         self._goodbyes = 0
         self._stop = threading.Event()
         self._closing = False
@@ -186,8 +196,12 @@ class ControlPlane:
                 s.setsockopt(zmq.LINGER, 5000)
                 if self.keys:
                     self.keys.secure_client(s, peer)
+                # connected / disconnected: a peer whose process is gone is known at once
+                monitor = s.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
                 s.connect(self.mapping.control_address(peer))
                 self._dealers[peer] = s
+                self._dealer_monitors[monitor] = peer
+                self._monitors_changed = True
                 self._locks[peer] = threading.Lock()
             return self._dealers[peer], self._locks[peer]
 
@@ -272,6 +286,18 @@ class ControlPlane:
                     continue
                 self._hs.wait(min(0.25, deadline - now))
 
+    def gone(self, peer: int) -> float | None:
+        """Seconds since this node's connection to `peer` closed (its process is gone or
+        restarting); None while it is connected or was never."""
+        since = self._down.get(peer)
+        return None if since is None else time.monotonic() - since
+
+    def peer_rounds(self) -> dict[int, tuple[int, float]]:
+        """(round, seconds per round lately) of each authenticated peer when it answered this
+        node's HELLO."""
+        with self._hs:
+            return {p: r for p, r in self._peer_rounds.items() if p in self._auth_rid}
+
     def authenticated(self) -> dict[int, bool]:
         """Each peer authenticated so far → whether it also authenticated this node."""
         with self._hs:
@@ -292,6 +318,11 @@ class ControlPlane:
             self._on_hello(peer, head)
         elif kind == ACK:
             self._on_ack(rid, peer, _field(head, "nonce", str))
+            r, pace = head.get("round"), head.get("pace")
+            if isinstance(r, int) and not isinstance(r, bool):
+                pace = float(pace) if isinstance(pace, (int, float)) and 0 <= pace < 1e6 else 0.0
+                with self._hs:
+                    self._peer_rounds[peer] = (r, pace)
         elif kind == READY:
             with self._hs:
                 if self._auth_rid.get(peer) == rid:
@@ -324,7 +355,8 @@ class ControlPlane:
             self.send(peer, REFUSE, encode({"uid": self.uid, "nonce": nonce, "reason": reason, **self.identity}),
                       block=False)
             return
-        self.send(peer, ACK, encode({"uid": self.uid, "nonce": nonce}), block=False)
+        round_, pace = self.round_of()
+        self.send(peer, ACK, encode({"uid": self.uid, "nonce": nonce, "round": round_, "pace": pace}), block=False)
         with self._hs:
             new_session = self._sessions.get(peer) != session
             recent = time.monotonic() - self._challenged.get(peer, 0.0) < CHALLENGE_INTERVAL
@@ -362,7 +394,14 @@ class ControlPlane:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
+        watched: set = set()
         while not self._stop.is_set():
+            if self._monitors_changed:
+                with self._dealers_lock:
+                    self._monitors_changed = False
+                    for monitor in set(self._dealer_monitors) - watched:
+                        poller.register(monitor, zmq.POLLIN)
+                        watched.add(monitor)
             try:
                 ready = dict(poller.poll(self.POLL_MS))
             except zmq.ZMQError:
@@ -371,6 +410,9 @@ class ControlPlane:
                 raise
             if ready.get(self._monitor):
                 self._on_monitor_event()
+            for monitor in watched:
+                if ready.get(monitor):
+                    self._on_dealer_event(monitor)
             if not ready.get(self._router):
                 continue
             for _ in range(256):  # drain, then look at the monitor and the stop flag again
@@ -400,6 +442,21 @@ class ControlPlane:
                              "that went away)")
         else:
             self.dropped("connection refused in its handshake (not ZeroMQ, or a key not of this run)")
+
+    def _on_dealer_event(self, monitor) -> None:
+        try:
+            event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)
+        except (zmq.Again, zmq.ZMQError):
+            return
+        peer = self._dealer_monitors.get(monitor)
+        if peer is None:
+            return
+        if event["event"] == zmq.EVENT_CONNECTED:
+            self._down.pop(peer, None)
+        elif event["event"] == zmq.EVENT_DISCONNECTED:
+            self._down.setdefault(peer, time.monotonic())
+            log.debug("node %d: connection to node %d closed", self.uid, peer)
+            self.on_peer_down(peer)
 
     def _on_frames(self, frames: list) -> None:
         if len(frames) != 3:
@@ -449,9 +506,13 @@ class ControlPlane:
             self._thread.join(timeout=2 * self.POLL_MS / 1000 + 5)
         with self._dealers_lock:
             for peer, s in self._dealers.items():
+                s.disable_monitor()
                 s.setsockopt(zmq.LINGER, 0 if peer in gone else linger_ms)
                 s.close()
+            for monitor in self._dealer_monitors:
+                monitor.close(linger=0)
             self._dealers.clear()
+            self._dealer_monitors.clear()
         self.dropped.flush()
         self._teardown_sockets()
 
@@ -472,6 +533,8 @@ class ZmqTransport(Transport):
         self.control: ControlPlane | None = None
         self.mailbox = Mailbox(cfg.max_queue)
         self._round = 0  # the node's round (`advance`), stamped on what it publishes
+        self._pace = 0.0  # seconds per round lately (a moving average)
+        self._entered = 0.0
         self._bye: set[int] = set()
         self._peers: set[int] = set()
         self._state = threading.Condition()
@@ -493,6 +556,8 @@ class ZmqTransport(Transport):
             self.uid, self.mapping, self._on_frame, self.cfg.upload_limit, self.cfg.download_limit, keys,
             identity=self.identity, max_message_bytes=self.cfg.max_message_bytes, max_queue=self.cfg.max_queue,
             send_timeout=self.cfg.timeout, dropped=self.dropped, on_failure=self.fail,
+            round_of=lambda: (self._round, self._pace),
+            on_peer_down=lambda peer: self.mailbox.wake(),
         )
         self.control.start()
 
@@ -535,8 +600,9 @@ class ZmqTransport(Transport):
         tensors: Mapping[str, torch.Tensor],
         to: Sequence[int],
         header: Mapping[str, Any] | None = None,
+        persistent: bool = False,
     ) -> None:
-        body = encode(self.wire_head(key, header), tensors)
+        body = encode(self.wire_head(key, header, **({"r": None} if persistent else {})), tensors)
         for peer in to:
             self.control.send(peer, DATA, body)
         self.count_payload(sent=tensor_bytes(tensors) * len(to))
@@ -549,10 +615,17 @@ class ZmqTransport(Transport):
     def advance(self, round_: int) -> None:
         """Enter `round_`: messages of earlier rounds are dropped from the mailbox (and refused
         when they arrive later)."""
-        self._round = round_
+        now = time.monotonic()
+        if self._entered and round_ > self._round:
+            step = (now - self._entered) / (round_ - self._round)
+            self._pace = step if not self._pace else 0.8 * self._pace + 0.2 * step
+        self._round, self._entered = round_, now
         dropped = self.mailbox.expire(round_)
         for _ in range(dropped):
             self.dropped("message of a round already past")
+
+    def peer_rounds(self) -> dict[int, int]:
+        return self.control.peer_rounds() if self.control else {}
 
     def interrupt(self, error: BaseException) -> None:
         self.mailbox.interrupt(error)
@@ -617,7 +690,16 @@ class ZmqTransport(Transport):
         expect: Mapping[str, tuple[Sequence[int], str]] | None = None,
     ) -> Message:
         timeout = self.cfg.timeout if timeout is None else timeout
-        m = self.mailbox.take(lambda m: m.key == key and m.sender == sender, timeout)
+        t0 = time.monotonic()
+
+        def gone() -> BaseException | None:  # the sender's process is gone: its message will not come
+            closed = self.control.gone(sender) if self.control else None
+            if closed is None or closed < GONE_GRACE or self.in_flight(key, sender):
+                return None
+            return PeerGone(sender, key, time.monotonic() - t0, self.uid,
+                            detail=f"its connection closed {closed:.1f} s ago: the node is gone")
+
+        m = self.mailbox.take(lambda m: m.key == key and m.sender == sender, timeout, gone)
         if m is None:
             raise PeerTimeout(sender, key, timeout, self.uid, detail=self.timeout_detail(key, sender))
         if m.error is not None:
@@ -627,6 +709,11 @@ class ZmqTransport(Transport):
                 check_payload(m, expect)
             except PayloadRejected as e:
                 self.rejections("tensors other than expected", str(e))
+                raise
+            try:
+                check_finite(m)
+            except PayloadRejected as e:
+                self.rejections("non-finite values", str(e))
                 raise
         log.debug("node %d: received %r from node %d", self.uid, key, sender)
         return m
@@ -643,6 +730,11 @@ class ZmqTransport(Transport):
     def timeout_detail(self, key: str, sender: int) -> str:
         """What to add to a PeerTimeout for `key` from `sender` (e.g. transfer progress)."""
         return ""
+
+    def in_flight(self, key: str, sender: int) -> bool:
+        """Whether `key` from `sender` is on its way even if the sender is gone (a torrent
+        its co-receivers can complete); inline messages never are."""
+        return False
 
     @property
     def bytes_sent(self) -> int:

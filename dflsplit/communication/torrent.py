@@ -494,12 +494,13 @@ class TorrentTransport(ZmqTransport):
         tensors: Mapping[str, torch.Tensor],
         to: Sequence[int],
         header: Mapping[str, Any] | None = None,
+        persistent: bool = False,
     ) -> None:
         to = [p for p in dict.fromkeys(to) if p != self.uid]
         if not to:
             return
-        if tensor_bytes(tensors) < self.cfg.small_payload_bytes:
-            body = encode(self.wire_head(key, header), tensors)
+        if persistent or tensor_bytes(tensors) < self.cfg.small_payload_bytes:
+            body = encode(self.wire_head(key, header, **({"r": None} if persistent else {})), tensors)
             for peer in to:
                 self.control.send(peer, DATA, body)
             self.count_payload(sent=tensor_bytes(tensors) * len(to))
@@ -626,6 +627,10 @@ class TorrentTransport(ZmqTransport):
             "info_hash": t.info_hash,
             "piece_length": t.info.piece_length(),
         }
+
+    def in_flight(self, key: str, sender: int) -> bool:
+        """A torrent announced for `key` by `sender`: its co-receivers may complete it."""
+        return self.progress(key, sender) is not None
 
     def timeout_detail(self, key: str, sender: int) -> str:
         p = self.progress(key, sender)

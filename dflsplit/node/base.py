@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +19,56 @@ from ..graphs import graph_from_config
 from ..training import evaluate
 
 NODES: Registry[type["Node"]] = Registry("node")
+
+
+class PeerView:
+    """The peers a node still waits for (``run.on_peer_failure: skip``).
+
+    A peer whose message did not come is *silent* that round; after `silent_rounds` silent
+    rounds in a row it is dropped: not sent to, not waited for. A peer that announces it
+    takes part again from round R (after a restart) is pending until R, then active with a
+    clean record. Everything here depends only on what arrived, never on timing, so runs
+    that lose the same messages take the same decisions.
+    """
+
+    def __init__(self, silent_rounds: int):
+        self.silent_rounds = silent_rounds
+        self.silent: dict[int, int] = {}
+        self.dropped: set[int] = set()
+        self.pending: dict[int, int] = {}  # peer → round it rejoins at
+
+    def rejoins(self, peer: int, round_: int) -> None:
+        self.pending[peer] = round_
+
+    def begin_round(self, round_: int) -> None:
+        for peer, at in list(self.pending.items()):
+            if at <= round_:
+                del self.pending[peer]
+                self.dropped.discard(peer)
+                self.silent.pop(peer, None)
+
+    def active(self, peers: list[int]) -> list[int]:
+        """`peers` without the dropped and the pending ones, in their order."""
+        return [p for p in peers if p not in self.dropped and p not in self.pending]
+
+    def heard(self, peer: int) -> None:
+        self.silent.pop(peer, None)
+
+    def missed(self, peer: int) -> bool:
+        """`peer` was silent this round; True when that drops it."""
+        self.silent[peer] = self.silent.get(peer, 0) + 1
+        if self.silent[peer] >= self.silent_rounds and peer not in self.dropped:
+            self.dropped.add(peer)
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"silent": dict(self.silent), "dropped": sorted(self.dropped), "pending": dict(self.pending)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.silent = {int(k): int(v) for k, v in state["silent"].items()}
+        self.dropped = {int(p) for p in state["dropped"]}
+        self.pending = {int(k): int(v) for k, v in state["pending"].items()}
 
 
 class Node:
@@ -37,6 +90,8 @@ class Node:
         self.report: Callable[[dict[str, Any]], None] = context.get("report", lambda e: None)
         self.log = logging.getLogger(f"dflsplit.node.{self.uid}")
         self.byzantine = self.uid in self.cfg.byzantine
+        self.view = PeerView(self.cfg.run.silent_rounds)
+        self.catch_up = 0  # rounds the peers have to run before this node's next round (after sitting out)
         if self.byzantine:
             self._poison_data()
 
@@ -168,18 +223,188 @@ class Node:
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(Path(self.ctx.get("run_dir", ".")) / f"{stem}_{self.uid}.safetensors"))
 
+    # state, checkpoints and failures ------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Everything this node needs to go on from where it is: model, training (optimizer,
+        sampler, RNG), sharing state (e.g. top-k's reference) and the torch RNG. Subclasses
+        add theirs (`node_state`)."""
+        training = self.ctx.get("training")
+        return {
+            "model": self.model.state_dict(),
+            "training": training.state_dict() if training is not None else {},
+            "sharing": self.ctx["sharing"].state_dict(),
+            "node": self.node_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Inverse of `state`."""
+        self.model.load_state_dict(state["model"])
+        training = self.ctx.get("training")
+        if training is not None and state["training"]:
+            training.load_state_dict(state["training"])
+        self.ctx["sharing"].load_state_dict(state["sharing"])
+        self.load_node_state(state["node"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def node_state(self) -> dict[str, Any]:
+        """The node type's own state for checkpoints (e.g. a server optimizer's moments);
+        subclasses extend (the view of live peers is the base's)."""
+        return {"view": self.view.state_dict()}
+
+    def load_node_state(self, state: dict[str, Any]) -> None:
+        """Inverse of `node_state`."""
+        self.view.load_state_dict(state["view"])
+
+    def restore(self) -> int:
+        """Load this node's last checkpoint (`--resume`) and repair its results file; the
+        first round it may run: after both the checkpoint and the last record written."""
+        from .checkpoint import read_checkpoint, repair_results
+        from ..results import node_file
+
+        run_dir = self.ctx["run_dir"]
+        found = read_checkpoint(run_dir, self.uid)
+        last_record = repair_results(node_file(run_dir, self.uid))
+        if found is None:
+            raise RuntimeError(f"node {self.uid}: --resume, but {run_dir}/checkpoints holds no checkpoint of it "
+                               f"(set run.checkpoint_every)")
+        round_, state, record = found
+        self.load_state(state)
+        if last_record is None or last_record < round_:  # killed between checkpoint and record
+            self.results.append(record)
+            last_record = round_
+        first = max(round_, last_record) + 1
+        self.log.info("resumed from the checkpoint of round %d; results file ends at round %d", round_, last_record)
+        return first
+
+    def checkpoint(self, round_: int, record: dict[str, Any]) -> None:
+        from .checkpoint import write_checkpoint
+
+        write_checkpoint(self.ctx["run_dir"], self.uid, round_, self.state(), record)
+
+    def round_deadline(self) -> float:
+        """When this round's receives give up (time.monotonic): ``communication.timeout`` from
+        now, plus as many more as rounds the peers still have to run to reach this node's
+        round after it sat out or rejoined."""
+        extra, self.catch_up = self.catch_up, 0
+        return time.monotonic() + self.cfg.communication.timeout * (1 + extra)
+
+    def gather(self, key: str, senders: list[int], round_: int,
+               expect: Callable[[int], Any] | None = None, deadline: float | None = None) -> dict[int, Any]:
+        """Receive `key` from each of `senders` (sender → Message) before one deadline
+        (`deadline`, time.monotonic; default `round_deadline`). A sender whose message does
+        not come fails the node (``run.on_peer_failure: fail``) or is left out (``skip``;
+        after ``run.silent_rounds`` such rounds in a row it is dropped from the view until it
+        rejoins); one that announces it sits out the round is left out at once. A payload
+        refused on arrival (too large, other tensors than `expect` says, non-finite values)
+        is left out and counted, whatever the policy: a bad peer must not stop an honest one."""
+        from ..communication import PayloadRejected, PeerGone, PeerTimeout
+
+        if deadline is None:
+            deadline = self.round_deadline()
+        skip = self.cfg.run.on_peer_failure == "skip"
+        got: dict[int, Any] = {}
+        for j in senders:
+            while True:
+                left = deadline - time.monotonic()
+                try:  # in slices, to hear of a sender that announces it sits out this round
+                    got[j] = self.transport.receive(key, j, timeout=max(0.0, min(left, 0.25) if skip else left),
+                                                    expect=expect(j) if expect else None)
+                    self.view.heard(j)
+                except PayloadRejected as e:
+                    self.log.warning("round %d: %s", round_, e)
+                    self.view.heard(j)
+                except PeerTimeout as e:
+                    if not skip:
+                        raise
+                    self.take_announcements()
+                    if j in self.view.pending:
+                        self.log.info("round %d: node %d sits this round out", round_, j)
+                    elif time.monotonic() < deadline and not isinstance(e, PeerGone):
+                        continue
+                    else:
+                        self.log.warning("round %d: going on without node %d: %s", round_, j, e)
+                        if self.view.missed(j):
+                            self.log.warning("round %d: node %d missed %d rounds in a row: dropped from the view "
+                                             "until it rejoins", round_, j, self.cfg.run.silent_rounds)
+                break
+        return got
+
+    def announce_rejoin(self, round_: int) -> None:
+        """Tell the peers this node takes part again from `round_` (after a restart): they
+        include it again from that round on."""
+        self.transport.publish(f"rejoin/{round_}", {}, to=self.peers(), header={"round": round_}, persistent=True)
+
+    def announce_absence(self, first: int, last: int) -> None:
+        """Tell the peers this node sits out rounds `first`..`last`: they do not wait for it."""
+        self.transport.publish(f"absent/{first}", {}, to=self.peers(), header={"first": first, "last": last},
+                               persistent=True)
+
+    def take_announcements(self) -> None:
+        """Note the peers' rejoin and absence announcements that arrived."""
+        from ..communication import CommError, PeerTimeout
+
+        for prefix in ("rejoin/", "absent/"):
+            while True:
+                try:
+                    m = self.transport.receive_any(timeout=0, prefix=prefix)
+                except PeerTimeout:
+                    break
+                except CommError as e:
+                    self.log.warning("%s", e)
+                    continue
+                at = m.header.get("round") if prefix == "rejoin/" else m.header.get("last")
+                if isinstance(at, int) and not isinstance(at, bool):
+                    at += prefix == "absent/"  # back the round after the last one it sits out
+                    self.view.rejoins(m.sender, at)
+                    self.log.info("node %d takes part again from round %d", m.sender, at)
+
+    def begin_round(self, round_: int) -> None:
+        """Take the peers' announcements into account before `run_round`."""
+        self.take_announcements()
+        self.view.begin_round(round_)
+
     def run(self) -> None:
         t0 = time.perf_counter()
+        run = self.cfg.run
         start = self.ctx.get("start")
+        resume = self.ctx.get("resume")  # None, "restart" (every node) or "rejoin" (into a live run)
+        first = self.restore() if resume else 0
+        if resume:
+            self.transport.advance(first)
         self.connect(max(1.0, start.left()) if start is not None else None)
         self.log.info("connected to %d peers in %.2f s", len(self.peers()), time.perf_counter() - t0)
-        self.report({"event": "connected", "uid": self.uid, "time": time.time()})
-        if start is not None:
+        self.report({"event": "connected", "uid": self.uid, "time": time.time(), "first_round": first})
+        if resume == "rejoin":
+            peers = self.transport.peer_rounds()
+            ahead = [r + max(REJOIN_MIN_ROUNDS, math.ceil(REJOIN_LEAD_SECONDS / pace) if pace > 0 else 0)
+                     for r, pace in peers.values()]
+            first = max([first, *ahead])
+            self.catch_up = first - min((r for r, _ in peers.values()), default=first)
+            self.log.info("rejoining at round %d (peers are at rounds %s)", first, sorted(r for r, _ in peers.values()))
+            self.transport.advance(first)
+            self.announce_rejoin(first)
+        elif start is not None:
             start.wait(self.uid)  # every node of every machine is connected
-            self.log.debug("start signal after %.2f s", time.perf_counter() - t0)
-        for r in range(self.cfg.run.rounds):
+            first = max(first, start.first_round())
+            self.log.debug("start signal after %.2f s; first round %d", time.perf_counter() - t0, first)
+        absent = run.absent.get(self.uid)
+        for r in range(first, run.rounds):
+            if run.crash.get(self.uid) == r:
+                self.log.warning("round %d: killing itself (run.crash)", r)
+                for h in logging.getLogger().handlers:
+                    h.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if absent and absent[0] <= r <= absent[1]:
+                if r == absent[0]:
+                    self.transport.advance(absent[1] + 1)
+                    self.announce_absence(absent[0], absent[1])
+                    self.catch_up = absent[1] + 1 - absent[0]
+                    self.log.info("sitting out rounds %d..%d (run.absent)", absent[0], absent[1])
+                continue
             self.transport.advance(r)
             t0 = time.perf_counter()
+            self.begin_round(r)
             record = {"round": r, **self.run_round(r)}
             if self.byzantine:
                 record["byzantine"] = True
@@ -191,7 +416,10 @@ class Node:
                 metrics = self.test()
                 eval_seconds = time.perf_counter() - t1
             test_acc = metrics["test_acc"]
-            record.update(**metrics, eval_seconds=eval_seconds, **self.traffic(), wall_time=time.time())
+            record.update(**metrics, eval_seconds=eval_seconds, **self.traffic(), wall_time=time.time(),
+                          rejected=self.transport.rejected, dropped=sum(self.transport.dropped.counts().values()))
+            if run.checkpoint_every and ((r + 1) % run.checkpoint_every == 0 or r == run.rounds - 1):
+                self.checkpoint(r, record)
             self.results.append(record)
             self.report({"event": "round", "uid": self.uid, **record})
             self.log.debug("round %d: %.3f s, evaluation %.3f s, %d bytes sent", r, record["round_seconds"],
@@ -200,3 +428,9 @@ class Node:
                 self.log.info("round %d: train_loss %.4f test_acc %.4f", r, record.get("train_loss") or float("nan"), test_acc)
         if self.cfg.node.save_model:
             self.save_model()
+
+
+#: a node restarted into a live run takes part again this far ahead of its peers (at least
+#: this many rounds, and this many seconds at their pace), so every peer hears of it in time
+REJOIN_MIN_ROUNDS = 2
+REJOIN_LEAD_SECONDS = 2.0

@@ -44,18 +44,25 @@ class GossipNode(Node):
     def run_round(self, round_: int) -> dict:
         loss = self.training.train()
         send_to, receive_from, weights = self.pattern(round_)
-        self.exchange(round_, send_to, receive_from, weights)
-        return {"train_loss": loss, "peers_out": len(send_to), "peers_in": len(receive_from)}
+        expected = len(receive_from)
+        send_to, receive_from = self.view.active(send_to), self.view.active(receive_from)
+        got = self.exchange(round_, send_to, receive_from, weights)
+        return {"train_loss": loss, "peers_out": len(send_to), "peers_in": got,
+                **({"peers_missing": expected - got} if got < expected else {})}
 
-    def exchange(self, round_: int, send_to: list[int], receive_from: list[int], weights: dict[int, float]) -> None:
-        """Publish this node's payload of `round_` to `send_to`, decode every payload of
-        `receive_from`, and aggregate them with the own model under `weights`.
+    def exchange(self, round_: int, send_to: list[int], receive_from: list[int], weights: dict[int, float]) -> int:
+        """Publish this node's payload of `round_` to `send_to`, decode the payloads of
+        `receive_from` that arrive before the round's deadline, and aggregate them with the
+        own model under `weights` (renormalised over what arrived when some did not);
+        returns how many arrived.
 
         A Byzantine node that attacks its messages first takes the honest payloads it is
         entitled to (its honest senders; every honest node's when the attack is
         omniscient), crafts its vector from them, and then publishes it. Honest nodes
         publish before they receive, so nobody waits on a Byzantine node to send first.
         """
+        from ..communication import PayloadRejected
+
         key_ = f"model/{round_}"
         byz = self.cfg.byzantine
         omniscient = self.cfg.attack.omniscient
@@ -64,11 +71,17 @@ class GossipNode(Node):
         own = shared_state(self.model)  # views: read before the aggregate is loaded
         if self.attacks_messages:  # the crafted vector goes through the model; keep a copy of its own
             own = {k: v.clone() for k, v in own.items()}
-        received = {}
+        received: dict[int, dict] = {}
+        deadline = self.round_deadline()  # one for every receive of the round
 
-        def take(j: int) -> None:
-            m = self.transport.receive(key_, j, expect=self.sharing.expect(j, round_, own))
-            received[j] = self.sharing.decode(j, round_, m.tensors, m.header, own)
+        def take(senders: list[int]) -> None:
+            messages = self.gather(key_, senders, round_, lambda j: self.sharing.expect(j, round_, own), deadline)
+            for j, m in messages.items():
+                try:
+                    received[j] = self.sharing.decode(j, round_, m.tensors, m.header, own)
+                except PayloadRejected as e:
+                    self.transport.rejections("payload that does not decode", str(e))
+                    self.log.warning("round %d: %s", round_, e)
 
         if not self.attacks_messages:
             payload = self.sharing.encode(self.model, round_)
@@ -79,19 +92,29 @@ class GossipNode(Node):
                 honest = [u for u in range(self.cfg.num_nodes) if u not in byz]
             else:
                 honest = [j for j in receive_from if j not in byz]
-            for j in honest:
-                take(j)
+            take(honest)
             f = len((set(receive_from) | {self.uid}) & byz)
-            crafted = self.craft(own, [received[j] for j in honest], len(receive_from) + 1, f, round_)
+            crafted = self.craft(own, [received[j] for j in honest if j in received], len(receive_from) + 1, f,
+                                 round_)
             self.model.load_state_dict(crafted, strict=False)
             payload = self.sharing.encode(self.model, round_)
             self.model.load_state_dict(own, strict=False)
             if send_to:
                 self.transport.publish(key_, payload.tensors, to=send_to, header=payload.header)
-        for j in receive_from:
-            if j not in received:
-                take(j)
-        self.sharing.aggregate(self.model, own, {j: received[j] for j in receive_from}, weights, self.uid)
+        take([j for j in receive_from if j not in received])
+        arrived = {j: received[j] for j in receive_from if j in received}
+        complete = len(arrived) == len(weights) - 1  # weights: this node and every neighbour of the round
+        if not complete:  # a neighbour is missing or out of the view: renormalise over what arrived
+            total = weights[self.uid] + sum(weights[j] for j in arrived)
+            weights = {i: weights[i] / total for i in (self.uid, *arrived)}
+        try:
+            self.sharing.aggregate(self.model, own, arrived, weights, self.uid)
+        except ValueError as e:  # e.g. a robust rule that needs more vectors than arrived
+            if complete:
+                raise
+            self.log.warning("round %d: %d of %d models arrived, too few to aggregate (%s): keeping its own",
+                             round_, len(arrived), len(receive_from), e)
+        return len(arrived)
 
 
 @NODES.register("dpsgd")

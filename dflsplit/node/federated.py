@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from ..communication import PayloadRejected
 from ..graphs import Graph
 from ..registry import key
 from ..sharing.base import mixing_seed, shared_state
@@ -133,30 +134,58 @@ class FederatedNode(Node):
         clients = sampled_clients(self.cfg, round_)
         return self.serve(round_, clients) if self.is_server else self.participate(round_, clients)
 
+    def node_state(self) -> dict:
+        state = super().node_state()
+        if self.is_server:
+            state["server_optimizer"] = self.optimizer.state
+        return state
+
+    def load_node_state(self, state: dict) -> None:
+        super().load_node_state(state)
+        if self.is_server:
+            self.optimizer.state = state["server_optimizer"]
+
     def serve(self, round_: int, clients: list[int]) -> dict:
         own = shared_state(self.model)
         global_ = {k: v.clone() for k, v in own.items()}
         payload = self.sharing.encode(self.model, round_)
         published = time.time()
-        self.transport.publish(f"global/{round_}", payload.tensors, to=clients, header={"published": published})
+        active = self.view.active(clients)
+        if active:
+            self.transport.publish(f"global/{round_}", payload.tensors, to=active, header={"published": published})
+        messages = self.gather(f"update/{round_}", active, round_, lambda c: self.sharing.expect(c, round_, own))
         models, samples = {}, {}
-        for c in clients:
-            m = self.transport.receive(f"update/{round_}", c, expect=self.sharing.expect(c, round_, own))
+        for c, m in messages.items():
             n = m.header.get("samples")
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"node {self.uid}: client {c} sent samples={n!r} in round {round_}, expected an int >= 1")
-            models[c] = self.sharing.decode(c, round_, m.tensors, m.header, own)
+                self.transport.rejections("update without a valid sample count", f"client {c}: samples={n!r}")
+                self.log.warning("round %d: client %d sent samples=%r, expected an int >= 1: left out", round_, c, n)
+                continue
+            try:
+                models[c] = self.sharing.decode(c, round_, m.tensors, m.header, own)
+            except PayloadRejected as e:
+                self.transport.rejections("payload that does not decode", str(e))
+                continue
             samples[c] = n
-        average = federated_average(models, samples, self.sharing.aggregate_fn)
-        self.model.load_state_dict(self.optimizer.step(global_, average), strict=False)
-        return {"train_loss": None, "clients": clients, "samples": [samples[c] for c in clients]}
+        if models:
+            average = federated_average(models, samples, self.sharing.aggregate_fn)
+            self.model.load_state_dict(self.optimizer.step(global_, average), strict=False)
+        arrived = sorted(models)
+        record = {"train_loss": None, "clients": arrived, "samples": [samples[c] for c in arrived]}
+        if len(arrived) < len(clients):
+            record["clients_missing"] = sorted(set(clients) - set(arrived))
+        return record
 
     def participate(self, round_: int, clients: list[int]) -> dict:
         if self.uid not in clients:
             return {"train_loss": None, "sampled": False}
         own = shared_state(self.model)
         server = self.cfg.node.server
-        m = self.transport.receive(f"global/{round_}", server, expect=self.sharing.expect(server, round_, own))
+        got = self.gather(f"global/{round_}", self.view.active([server]), round_,
+                          lambda s: self.sharing.expect(s, round_, own))
+        if server not in got:  # the server is gone (on_peer_failure: skip): nothing to train on
+            return {"train_loss": None, "sampled": True, "missed": True}
+        m = got[server]
         published = m.header.get("published")
         broadcast = time.time() - published if isinstance(published, (int, float)) else None
         with torch.no_grad():

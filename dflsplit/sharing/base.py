@@ -79,6 +79,13 @@ class Sharing:
         self.uid = uid
         self.aggregate_fn = Aggregation.from_config(cfg)
 
+    def state_dict(self) -> dict[str, Any]:
+        """State kept between rounds (for checkpoints); none for `full`."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of `state_dict`."""
+
     # sending ---------------------------------------------------------------------
     def encode(self, model: nn.Module, round_: int) -> Payload:
         """The payload this node sends in `round_` (copies: later changes to the model do not

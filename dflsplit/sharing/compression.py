@@ -132,6 +132,12 @@ class TopK(Sharing):
         self.alpha = cfg.sharing.alpha
         self.reference: torch.Tensor | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reference = state["reference"]
+
     def encode(self, model: nn.Module, round_: int) -> Payload:
         x = flatten(shared_state(model))
         if self.reference is None:

@@ -73,6 +73,14 @@ class BatchSampler:
     def steps_for_epochs(self, epochs: float) -> int:
         return max(1, math.ceil(epochs * self.n / self.batch_size))
 
+    def state_dict(self) -> dict:
+        """Where the sampler is: this pass's order, the position in it, the generator's state."""
+        return {"order": self._order.clone(), "pos": self._pos, "generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._order, self._pos = state["order"].clone(), int(state["pos"])
+        self.gen.set_state(state["generator"])
+
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 200) -> tuple[float, float]:
@@ -102,3 +110,10 @@ class Training(ABC):
     @abstractmethod
     def train(self) -> float:
         """Train for one round; return the mean training loss."""
+
+    def state_dict(self) -> dict:
+        """What training needs to go on exactly where it stopped (optimizer, sampler, RNG)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

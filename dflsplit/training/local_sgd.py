@@ -20,6 +20,13 @@ class LocalSGD(Training):
         self.steps = t.local_steps if t.local_steps is not None else self.sampler.steps_for_epochs(t.local_epochs)
         self.loss_fn = nn.CrossEntropyLoss()
 
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+
     def begin_round(self) -> None:
         """Called at the start of every `train`, before the first step (a hook for subclasses)."""
 
