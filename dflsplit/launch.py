@@ -477,6 +477,8 @@ def _run_nodes(cfg, uids, mdir, mapping, prepared, identity, dataset, coord, pro
                               name=f"node-{uid}", daemon=False) for uid in uids}
     for p in procs.values():
         p.start()
+    pids = read_json(mdir / "pids.json")  # node uid → process id, for whoever watches or restarts nodes
+    write_json(mdir / "pids.json", {**pids, **{str(u): p.pid for u, p in procs.items()}})
     show = cfg.run.progress if progress is None else progress
     skip = cfg.run.on_peer_failure == "skip"
     bar = None

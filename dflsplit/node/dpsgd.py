@@ -154,7 +154,11 @@ class DPSGDNode(GossipNode):
     def peers(self) -> list[int]:
         if self.cfg.graph.dynamic:  # any node may be a neighbour in some round
             return [u for u in range(self.cfg.num_nodes) if u != self.uid]
-        return super().peers()
+        peers = set(super().peers())
+        if self.cfg.attack.omniscient:  # every honest node also sends its model to the Byzantine ones
+            byz = self.cfg.byzantine
+            peers |= set(range(self.cfg.num_nodes)) - byz if self.byzantine else byz
+        return sorted(peers - {self.uid})
 
     def graph_of(self, round_: int) -> Graph:
         """The topology of `round_` (the same on every node)."""
