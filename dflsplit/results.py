@@ -8,8 +8,10 @@ Layout of a run folder (one per run; every machine of the run writes its own sub
         config.yaml            the configuration as run (every key)
         graph.edges            the topology as run
         summary.json           this machine's nodes
+        pids.json              node uid → process id
         node_<uid>.jsonl       one record per round (appended, never rewritten)
         node_<uid>.log         the node's log
+        checkpoints/           each node's last checkpoint (run.checkpoint_every)
 
 `read_run` also reads flat folders (node files directly in the run folder).
 """

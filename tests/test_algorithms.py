@@ -190,6 +190,6 @@ def test_compressed_payloads_as_torrents_give_the_models_of_tcp(tmp_path, sharin
     for name in ("tcp", "torrent"):
         cfg = config("eval/configs/default.yaml", next_base_port(4), "run.procs_per_machine=4", "run.rounds=4",
                      "graph.degree=2", "node.test_after=4", f"communication.name={name}", *sharing,
-                     *(["communication.small_payload_bytes=0"] if name == "torrent" else []))
+                     *(["communication.path=torrent"] if name == "torrent" else []))
         accs[name] = run_experiment(cfg, tmp_path / name)["final_test_acc"]
     assert accs["tcp"] == accs["torrent"]

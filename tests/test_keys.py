@@ -59,7 +59,7 @@ def send_raw(ctx, address, identity, server_key, client_pair=None):
 
 @pytest.mark.parametrize("name", ["tcp", "torrent"])
 def test_tensors_travel_between_key_holders(keys, name):
-    _, ts = start(2, next_base_port(2), keys, name=name, **({"small_payload_bytes": 0} if name == "torrent" else {}))
+    _, ts = start(2, next_base_port(2), keys, name=name, **({"path": "torrent"} if name == "torrent" else {}))
     try:
         x = torch.randn(300, 301)  # a torrent: its metadata goes on the encrypted control plane
         ts[0].publish("model/0", {"w": x}, to=[1])

@@ -95,7 +95,7 @@ def run_on_hosts(hosts, tmp_path: Path, out: Path, extra: list[str]) -> list[tup
         cmd = ["ip", "netns", "exec", ns, str(ROOT / "eval/run.sh"), "-i", str(ip), "-p", "4", "-r", "6",
                "-b", "23000", str(ROOT / "eval/configs/default.yaml"), "--out", str(out), "--no-progress",
                "--set", "graph.degree=3", "--set", "node.test_after=2", "--set", "run.start_timeout=120",
-               "--set", "communication.small_payload_bytes=0", *extra]  # every model as a torrent
+               "--set", "communication.path=torrent", *extra]  # every model as a torrent
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       cwd=tmp_path))
     results = []

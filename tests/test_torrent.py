@@ -34,7 +34,7 @@ MB = 1 << 20
 
 
 def config(**kw) -> CommunicationConfig:
-    kw = {"small_payload_bytes": 0, "timeout": 20, "hello_timeout": 10, **kw}  # all payloads as torrents
+    kw = {"path": "torrent", "timeout": 20, "hello_timeout": 10, **kw}  # all payloads as torrents
     return section_from_dict("communication", **{"name": "torrent", **kw})
 
 
@@ -108,16 +108,19 @@ def test_200_mb_round_trip():
     assert piece_size(200 * MB) == 512 << 10 and piece_size(MB) == 16 << 10
 
 
-def test_small_payload_travels_on_the_control_plane():
-    with cluster(2, small_payload_bytes=64 * 1024) as ts:
+def test_small_payloads_and_single_receivers_travel_on_the_control_plane():
+    with cluster(3, path="auto", small_payload_bytes=64 * 1024) as ts:
         small, big = torch.randn(1000), torch.randn(20000)  # 4 kB, 80 kB
-        ts[0].publish("small", {"w": small}, to=[1])
-        ts[0].publish("big", {"w": big}, to=[1])
-        assert torch.equal(ts[1].receive("small", 0).tensors["w"], small)
-        assert torch.equal(ts[1].receive("big", 0).tensors["w"], big)
+        ts[0].publish("small", {"w": small}, to=[1, 2])
+        ts[0].publish("big", {"w": big}, to=[1, 2])
+        ts[0].publish("one", {"w": big}, to=[1])  # one receiver: nobody to swarm with
+        for u in (1, 2):
+            assert torch.equal(ts[u].receive("small", 0).tensors["w"], small)
+            assert torch.equal(ts[u].receive("big", 0).tensors["w"], big)
+        assert torch.equal(ts[1].receive("one", 0).tensors["w"], big)
         outgoing = [p.name for p in files_under(ts[0].spool / "out")]
-        assert len(outgoing) == 1, outgoing  # only the big one became a torrent
-        assert ts[1].bytes_received >= 84_000 and ts[0].bytes_sent >= 84_000
+        assert len(outgoing) == 1, outgoing  # only the big one for two receivers became a torrent
+        assert ts[1].bytes_received >= 164_000 and ts[0].bytes_sent >= 2 * 84_000 + 80_000
 
 
 # --- swarming -------------------------------------------------------------------------
@@ -527,7 +530,7 @@ def test_dpsgd_over_torrent_reaches_the_accuracy_of_tcp(tmp_path):
         cfg = load_config(root / "eval/configs/default.yaml", overrides=[
             "run.procs_per_machine=8", "run.rounds=10", f"run.base_port={next_base_port(8)}", "run.progress=false",
             f"communication.name={name}",
-            *(["communication.small_payload_bytes=0"] if name == "torrent" else []),  # every model as a torrent
+            *(["communication.path=torrent"] if name == "torrent" else []),  # every model as a torrent
         ])
         summaries[name] = run_experiment(cfg, out_dir=tmp_path / name, progress=False)
     tcp, torrent = summaries["tcp"], summaries["torrent"]

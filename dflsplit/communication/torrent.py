@@ -69,7 +69,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 import libtorrent as lt
 import torch
@@ -125,7 +125,10 @@ def _close_data_planes_at_exit() -> None:
 class TorrentKeys:
     """Keys of transport `torrent`."""
 
-    small_payload_bytes: int = key(1 << 20, "payloads smaller than this travel inline on the control plane", ge=0)
+    path: Literal["auto", "torrent", "inline"] = key(
+        "auto", "how payloads travel: auto (a torrent for several receivers of a large payload, else inline on the "
+                "control plane), or always torrent, or always inline")
+    small_payload_bytes: int = key(1 << 20, "with path auto: payloads smaller than this travel inline", ge=0)
     retention_rounds: int = key(2, "rounds a received torrent keeps seeding", ge=0)
     spool_dir: Optional[str] = key(None, "spool folder (default: /dev/shm when writable, else the temp dir)")
     dht: bool = key(False, "libtorrent's DHT")
@@ -499,7 +502,7 @@ class TorrentTransport(ZmqTransport):
         to = [p for p in dict.fromkeys(to) if p != self.uid]
         if not to:
             return
-        if persistent or tensor_bytes(tensors) < self.cfg.small_payload_bytes:
+        if persistent or self.inline(tensor_bytes(tensors), len(to)):
             body = encode(self.wire_head(key, header, **({"r": None} if persistent else {})), tensors)
             for peer in to:
                 self.control.send(peer, DATA, body)
@@ -514,6 +517,14 @@ class TorrentTransport(ZmqTransport):
         for peer in to:
             self.control.send(peer, TORRENT, body)
         log.debug("node %d: published %r as a torrent (%d bytes) to %s", self.uid, key, t.info.total_size(), to)
+
+    def inline(self, nbytes: int, receivers: int) -> bool:
+        """Whether a payload of `nbytes` for `receivers` travels inline (``communication.path``):
+        with ``auto``, when it is small, or has one receiver (nobody to swarm with: a torrent
+        would only add hashing and spooling)."""
+        if self.cfg.path != "auto":
+            return self.cfg.path == "inline"
+        return receivers == 1 or nbytes < self.cfg.small_payload_bytes
 
     def _seed(self, key: str, blob: bytes, to: Sequence[int]) -> tuple[Outgoing, bytes]:
         """Spool `blob` (a payload file), make its torrent and seed it; returns it and the

@@ -15,7 +15,7 @@ on loopback. Rows (each printed with the `tcp` figure beside the `torrent` one):
   100 Mbit/s (12.5 MB/s) upload caps, with every payload sent as a torrent: where the
   torrent overtakes the inline path, i.e. what ``small_payload_bytes`` should be.
 
-The torrent rows force the data plane (``small_payload_bytes=0``) except ``dpsgd``, which
+The torrent rows force the data plane (``path: torrent``) except ``dpsgd``, which
 runs the defaults. Usage::
 
     python eval/bench/comm.py [--rows p2p,throughput,swarm,dpsgd,sweep] [--quick] [--out FILE]
@@ -47,7 +47,7 @@ from dflsplit.config import load_config, section_from_dict  # noqa: E402
 from dflsplit.mappings import LinearMapping, free_base_port  # noqa: E402
 
 MB = 1 << 20
-FORCE_TORRENT = {"small_payload_bytes": 0}
+FORCE_TORRENT = {"path": "torrent"}
 
 
 def _node(uid, n, base, cfg_kw, size, receivers, reps, results):
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
             extra = ["run.rounds=10"] if q else []
             tcp = dpsgd("tcp", base(16), extra)
             tor = dpsgd("torrent", base(16), extra)
-            forced = dpsgd("torrent", base(16), extra + ["communication.small_payload_bytes=0"])
+            forced = dpsgd("torrent", base(16), extra + ["communication.path=torrent"])
             a, b, c = (s["median_round_seconds"] for s in (tcp, tor, forced))
             table.add("D-PSGD default (16 nodes): median round", "s", a, b, b / a, "torrent <= 1.5 x tcp", b / a <= 1.5,
                       note=f"(models inline; acc {tcp['test_acc_mean']:.4f} / {tor['test_acc_mean']:.4f})")
