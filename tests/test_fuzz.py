@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def test_ten_thousand_hostile_frames_change_nothing(tmp_path):
     frames = generate_frames()
     port = next_base_port(NODES + 1)
     fuzzed = subprocess.Popen(run_cmd(tmp_path / "fuzzed", port), env=env_here(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     ctx = zmq.Context()
     sockets: dict[bytes, zmq.Socket] = {}
     alive = lambda: fuzzed.poll() is None  # noqa: E731
@@ -171,7 +172,7 @@ def test_ten_thousand_hostile_frames_change_nothing(tmp_path):
         out, err = fuzzed.communicate(timeout=600)
     finally:
         if fuzzed.poll() is None:
-            fuzzed.kill()
+            os.killpg(fuzzed.pid, signal.SIGKILL)
         for s in sockets.values():
             s.close(0)
         ctx.term()
