@@ -499,8 +499,8 @@ def test_the_alert_thread_dying_fails_the_node_with_its_cause():
         def broken():
             raise OSError("wake pipe gone")
 
-        ts[1]._drain_wake = broken
-        ts[1]._wake()
+        ts[1].plane._drain_wake = broken
+        ts[1].plane._wake()
         with pytest.raises(TransportFailed, match=r"node 1: torrent alert thread failed: OSError: wake pipe gone"):
             ts[1].receive("model/0", 0, timeout=60)
         with pytest.raises(TransportFailed):  # what needs the thread fails at once too
