@@ -252,6 +252,22 @@ class NodeStopped(BaseException):
     """The launcher stopped this node (SIGTERM)."""
 
 
+def _stop_with_the_launcher() -> None:
+    """Linux: SIGTERM to this node process when the launcher dies (even by SIGKILL), so no
+    node outlives its launcher."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the launcher's own cleanup has to do
+        return
+    if os.getppid() == 1:  # the launcher died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _stop_node(signum, frame):
     raise NodeStopped(f"stopped by signal {signum}")
 
@@ -283,6 +299,7 @@ def _child(cfg: Config, uids: list[int], run_dir: Path, mapping, prepared, event
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which stops the nodes
     signal.signal(signal.SIGTERM, _stop_node)
+    _stop_with_the_launcher()
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
