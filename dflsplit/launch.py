@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -119,6 +120,14 @@ def raise_open_files_limit() -> None:
         pass
 
 
+def computing_nodes(cfg: Config) -> int:
+    """How many of a process's nodes compute at once: its share of the machine's cores
+    (at least one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = math.ceil(cfg.run.procs_per_machine / cfg.run.nodes_per_process)
+    return max(1, cores // processes)
+
+
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed blocks up to 512 MiB instead of unmapping them.
 
@@ -172,7 +181,8 @@ def config_hash(cfg: Config, graph, mapping) -> str:
 
 def build_node(cfg: Config, uid: int, run_dir: Path, mapping, prepared: dict[str, Any],
                report: Callable[[dict], None], identity: dict[str, Any] | None = None,
-               start: StartSignal | None = None, dataset=None, resume: str | None = None, shared=None):
+               start: StartSignal | None = None, dataset=None, resume: str | None = None, shared=None,
+               compute=None):
     """Build one node's parts (data, model, training, sharing, started transport, results
     writer) and the node; in the process that hosts it. `run_dir` is the folder of this
     machine's results; `prepared` what `Node.prepare` built in the launcher; `shared` the
@@ -216,7 +226,7 @@ def build_node(cfg: Config, uid: int, run_dir: Path, mapping, prepared: dict[str
     context = dict(
         cfg=cfg, uid=uid, mapping=mapping, transport=transport, model=model, data=data,
         training=training, sharing=sharing, device=device, results=results, report=report,
-        run_dir=run_dir, start=start, resume=resume, **prepared,
+        run_dir=run_dir, start=start, resume=resume, compute=compute, **prepared,
     )
     try:
         return node_cls(context)
@@ -314,6 +324,7 @@ def _child(cfg: Config, uids: list[int], run_dir: Path, mapping, prepared, event
     root.setLevel(cfg.run.log_level)
     torch.set_num_threads(threads_per_process(cfg))
     shared = ProcessShared(uids)
+    compute = threading.BoundedSemaphore(computing_nodes(cfg)) if len(uids) > 1 else None
     nodes = {}
 
     def failed(uid: int, e: BaseException) -> None:
@@ -335,7 +346,7 @@ def _child(cfg: Config, uids: list[int], run_dir: Path, mapping, prepared, event
             main.name = f"node-{uid}"  # what it logs while building a node goes to that node's log
             try:
                 nodes[uid] = build_node(cfg, uid, run_dir, mapping, prepared, events.put, identity, start, dataset,
-                                        resume, shared)
+                                        resume, shared, compute)
             except NodeStopped:
                 raise
             except BaseException as e:
