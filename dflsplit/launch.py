@@ -17,6 +17,7 @@ overwriting.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -118,6 +119,33 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: keep the limit
         pass
+
+
+class FairSemaphore:
+    """A semaphore that admits its waiters in the order they came (threading.Semaphore wakes
+    any of them: some nodes starved while their neighbours waited for them)."""
+
+    def __init__(self, value: int):
+        self._free = value
+        self._lock = threading.Lock()
+        self._waiters: collections.deque[threading.Event] = collections.deque()
+
+    def __enter__(self) -> "FairSemaphore":
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return self
+            turn = threading.Event()
+            self._waiters.append(turn)
+        turn.wait()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()  # the slot passes straight to the next in line
+            else:
+                self._free += 1
 
 
 def computing_nodes(cfg: Config) -> int:
@@ -324,7 +352,7 @@ def _child(cfg: Config, uids: list[int], run_dir: Path, mapping, prepared, event
     root.setLevel(cfg.run.log_level)
     torch.set_num_threads(threads_per_process(cfg))
     shared = ProcessShared(uids)
-    compute = threading.BoundedSemaphore(computing_nodes(cfg)) if len(uids) > 1 else None
+    compute = FairSemaphore(computing_nodes(cfg)) if len(uids) > 1 else None
     nodes = {}
 
     def failed(uid: int, e: BaseException) -> None:
