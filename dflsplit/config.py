@@ -512,7 +512,7 @@ def _build_section(cls: type, data: Any, where: str) -> Any:
 
 def section_from_dict(section: str, **keys: Any) -> Any:
     """One validated section built in code, e.g. ``section_from_dict("communication",
-    name="torrent", small_payload_bytes=0)``."""
+    name="torrent", path="torrent")``."""
     return _build_section(SECTIONS[section], keys, f"<code>: section {section!r}")
 
 

@@ -608,11 +608,13 @@ class ZmqTransport(Transport):
         to: Sequence[int],
         header: Mapping[str, Any] | None = None,
         persistent: bool = False,
+        concurrent: bool = False,
     ) -> None:
         body = encode(self.wire_head(key, header, **({"r": None} if persistent else {})), tensors)
         for peer in to:
             self.control.send(peer, DATA, body)
         self.count_payload(sent=tensor_bytes(tensors) * len(to))
+        self.count_path("inline")
         log.debug("node %d: published %r inline (%d bytes) to %s", self.uid, key, len(body), list(to))
 
     def wire_head(self, key: str, header: Mapping[str, Any] | None, **more: Any) -> dict[str, Any]:

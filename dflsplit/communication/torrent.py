@@ -10,8 +10,9 @@ the number of receivers. On completion the receiver re-checks the file against t
 piece hashes, decodes it and delivers the message; it keeps seeding until the key is
 older than ``retention_rounds`` rounds (`advance`), then removes torrent and file.
 A torrent larger than the receiver accepts (`Transport.payload_limit`) is refused on
-its announcement, before any piece is fetched. Payloads smaller than
-``small_payload_bytes`` travel inline on the control plane, as with ``tcp``. Nothing of
+its announcement, before any piece is fetched. A payload travels as a torrent only when
+`communication.paths` finds swarming faster (``communication.path: auto``), else inline
+on the control plane, as with ``tcp``. Nothing of
 a retired key remains on disk, and nothing at all after `close` (a spool left by a
 killed process is swept by the next node that starts).
 
@@ -88,6 +89,7 @@ from ..registry import key
 from .base import TRANSPORTS, BindError, CommError, Message, TransportFailed
 from .codec import encode, tensor_bytes
 from .control import DATA, ZmqTransport
+from .paths import DEFAULT_MODEL
 from .torrent_receiver import (
     MAX_RESTARTS, MAX_VERIFY_RETRIES, Incoming, IllegalTransition, Receiver, RxEvent, RxState, bad_pieces,
     next_state, verify_payload,
@@ -136,9 +138,10 @@ class TorrentKeys:
     """Keys of transport `torrent`."""
 
     path: Literal["auto", "torrent", "inline"] = key(
-        "auto", "how payloads travel: auto (a torrent for several receivers of a large payload, else inline on the "
-                "control plane), or always torrent, or always inline")
-    small_payload_bytes: int = key(1 << 20, "with path auto: payloads smaller than this travel inline", ge=0)
+        "auto", "how payloads travel: auto (per payload, whichever a model of its size, receivers and link rates "
+                "says is faster: see communication.paths), or always torrent, or always inline")
+    link_rate: float = key(125e6, "with path auto: bytes/s assumed for a link to another machine with no "
+                                  "upload_limit (1 Gbit/s)", gt=0)
     retention_rounds: int = key(2, "rounds a received torrent keeps seeding", ge=0)
     spool_dir: Optional[str] = key(None, "spool folder (default: /dev/shm when writable, else the temp dir)")
     dht: bool = key(False, "libtorrent's DHT")
@@ -753,15 +756,17 @@ class TorrentTransport(ZmqTransport):
         to: Sequence[int],
         header: Mapping[str, Any] | None = None,
         persistent: bool = False,
+        concurrent: bool = False,
     ) -> None:
         to = [p for p in dict.fromkeys(to) if p != self.uid]
         if not to:
             return
-        if persistent or self.inline(tensor_bytes(tensors), len(to)):
+        if persistent or self.inline(tensor_bytes(tensors), to, concurrent):
             body = encode(self.wire_head(key, header, **({"r": None} if persistent else {})), tensors)
             for peer in to:
                 self.control.send(peer, DATA, body)
             self.count_payload(sent=tensor_bytes(tensors) * len(to))
+            self.count_path("inline")
             log.debug("node %d: published %r inline (%d bytes) to %s", self.uid, key, len(body), to)
             return
         t, meta = self.plane.seed(self.uid, key, encode_payload(key, self.uid, tensors), to, self._round)
@@ -771,15 +776,19 @@ class TorrentTransport(ZmqTransport):
                         self.uid, key, SEED_TIMEOUT)
         for peer in to:
             self.control.send(peer, TORRENT, body)
+        self.count_path("torrent")
         log.debug("node %d: published %r as a torrent (%d bytes) to %s", self.uid, key, t.info.total_size(), to)
 
-    def inline(self, nbytes: int, receivers: int) -> bool:
-        """Whether a payload of `nbytes` for `receivers` travels inline (``communication.path``):
-        with ``auto``, when it is small, or has one receiver (nobody to swarm with: a torrent
-        would only add hashing and spooling)."""
+    def inline(self, nbytes: int, to: Sequence[int], concurrent: bool = False) -> bool:
+        """Whether a payload of `nbytes` for the nodes `to` travels inline (``communication.path``;
+        with ``auto``, what `communication.paths` finds faster for its size, its receivers,
+        the configured link rates and whether the receivers publish at the same time)."""
         if self.cfg.path != "auto":
             return self.cfg.path == "inline"
-        return receivers == 1 or nbytes < self.cfg.small_payload_bytes
+        me = self.mapping.machine_rank(self.uid)[0]
+        remote = any(self.mapping.machine_rank(p)[0] != me for p in to)
+        return DEFAULT_MODEL.choose(nbytes, len(to), self.cfg.upload_limit, self.cfg.download_limit, remote,
+                                    self.cfg.link_rate, concurrent) == "inline"
 
     # receiving -------------------------------------------------------------------
     def handle_frame(self, sender: int, kind: bytes, body: memoryview) -> None:

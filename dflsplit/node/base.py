@@ -422,7 +422,9 @@ class Node:
                 eval_seconds = time.perf_counter() - t1
             test_acc = metrics["test_acc"]
             record.update(**metrics, eval_seconds=eval_seconds, **self.traffic(), wall_time=time.time(),
-                          rejected=self.transport.rejected, dropped=sum(self.transport.dropped.counts().values()))
+                          rejected=self.transport.rejected, dropped=sum(self.transport.dropped.counts().values()),
+                          payloads_inline=self.transport.paths["inline"],
+                          payloads_torrent=self.transport.paths["torrent"])
             if run.checkpoint_every and ((r + 1) % run.checkpoint_every == 0 or r == run.rounds - 1):
                 self.checkpoint(r, record)
             self.results.append(record)

@@ -88,7 +88,7 @@ class GossipNode(Node):
             with self.compute:
                 payload = self.sharing.encode(self.model, round_)
             if send_to:
-                self.transport.publish(key_, payload.tensors, to=send_to, header=payload.header)
+                self.transport.publish(key_, payload.tensors, to=send_to, header=payload.header, concurrent=True)
         else:
             if omniscient:
                 honest = [u for u in range(self.cfg.num_nodes) if u not in byz]
@@ -102,7 +102,7 @@ class GossipNode(Node):
             payload = self.sharing.encode(self.model, round_)
             self.model.load_state_dict(own, strict=False)
             if send_to:
-                self.transport.publish(key_, payload.tensors, to=send_to, header=payload.header)
+                self.transport.publish(key_, payload.tensors, to=send_to, header=payload.header, concurrent=True)
         take([j for j in receive_from if j not in received])
         arrived = {j: received[j] for j in receive_from if j in received}
         complete = len(arrived) == len(weights) - 1  # weights: this node and every neighbour of the round
