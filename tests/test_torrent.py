@@ -34,7 +34,7 @@ MB = 1 << 20
 
 
 def config(**kw) -> CommunicationConfig:
-    kw = {"path": "torrent", "timeout": 20, "hello_timeout": 10, **kw}  # all payloads as torrents
+    kw = {"path": "torrent", "lazy_start": False, "timeout": 20, "hello_timeout": 10, **kw}  # all payloads as torrents
     return section_from_dict("communication", **{"name": "torrent", **kw})
 
 

@@ -143,6 +143,8 @@ class TorrentKeys:
     link_rate: float = key(125e6, "with path auto: bytes/s assumed for a link to another machine with no "
                                   "upload_limit (1 Gbit/s)", gt=0)
     retention_rounds: int = key(2, "rounds a received torrent keeps seeding", ge=0)
+    lazy_start: bool = key(True, "start a process's libtorrent session only when a torrent is first published or "
+                                 "announced (a run whose payloads all travel inline never starts one)")
     spool_dir: Optional[str] = key(None, "spool folder (default: /dev/shm when writable, else the temp dir)")
     dht: bool = key(False, "libtorrent's DHT")
     lsd: bool = key(False, "local service discovery")
@@ -203,16 +205,27 @@ class DataPlane:
 
     # lifecycle -----------------------------------------------------------------
     def join(self, transport: "TorrentTransport") -> None:
-        """A member's transport starts: the first one starts the plane."""
+        """A member's transport starts. The plane itself starts when first needed
+        (`ensure_started`: a torrent to publish or one announced), so a run whose payloads all
+        travel inline never starts a libtorrent session."""
         if transport.uid not in self.local:
             raise CommError(f"node {transport.uid} is not one of the data plane's nodes ({self.name})")
+        with self._members_lock:
+            if self.failure is not None:
+                raise self.failure
+            self.members[transport.uid] = transport
+        if not self.cfg.lazy_start:
+            self.ensure_started()
+
+    def ensure_started(self) -> None:
+        """Start the session, its spool and its alert thread, once (CommError / BindError
+        naming the node when it cannot)."""
         with self._members_lock:
             if self.failure is not None:
                 raise self.failure
             if not self._started:
                 self._start()
                 self._started = True
-            self.members[transport.uid] = transport
 
     def leave(self, transport: "TorrentTransport") -> None:
         """A member's transport closed: the last one shuts the plane down."""
@@ -547,6 +560,7 @@ class DataPlane:
     def seed(self, publisher: int, key: str, blob: bytes, to: Sequence[int], round_: int) -> tuple[Outgoing, bytes]:
         """Spool `blob` (a payload file of node `publisher`), make its torrent and seed it;
         returns it and the bencoded .torrent."""
+        self.ensure_started()
         try:
             folder, path = spool_payload(self._spool, publisher, blob)
         except OSError as e:
@@ -571,6 +585,11 @@ class DataPlane:
 
     def accept(self, ann: Announcement, consumer: "TorrentTransport") -> bool:
         """An announcement for node `consumer`, to be handled on the alert thread."""
+        with self._members_lock:
+            closing = consumer.uid not in self.members
+        if closing:
+            return False
+        self.ensure_started()
         return self.post(lambda: self._receiver.accept(ann, consumer), "torrent announcement handler")
 
     # retention ---------------------------------------------------------------------
@@ -850,7 +869,7 @@ class TorrentTransport(ZmqTransport):
                 dropped = self._dropped_announcements.get((key, sender))
             if dropped is not None:
                 return f"its announcement was dropped: {dropped}"
-            return "no torrent announced" if self.session is not None else ""
+            return "no torrent announced"
         pct = 100.0 * p["done"] / max(1, p["total"])
         return f"torrent announced, {p['state']}: {pct:.0f}% of {p['total']} bytes, {p['peers']} peer(s) connected"
 
