@@ -12,11 +12,15 @@ from .codec import CodecError, decode, encode
 from . import tcp, torrent  # noqa: F401  (register "tcp" and "torrent")
 
 
-def build_transport(uid: int, mapping, cfg, identity: dict | None = None) -> Transport:
+def build_transport(uid: int, mapping, cfg, identity: dict | None = None, shared=None) -> Transport:
     """The transport `cfg.name` for node `uid` (not yet started). `identity` (the run id and
-    config hash) must match the peers' for their handshake to succeed."""
+    config hash) must match the peers' for their handshake to succeed; `shared` (a
+    `ProcessShared`) the parts the nodes of one process share."""
     transport = TRANSPORTS.get(cfg.name)(uid, mapping, cfg)
     transport.identity = dict(identity or {})
+    transport.shared = shared
+    if shared is not None and hasattr(transport, "plane"):
+        transport.plane = shared.data_plane(cfg, mapping)
     return transport
 
 
