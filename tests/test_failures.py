@@ -281,3 +281,19 @@ def test_no_node_outlives_a_launcher_killed_with_sigkill(tmp_path):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_a_receive_thread_that_dies_fails_the_transport_with_its_cause(monkeypatch):
+    from dflsplit.communication.control import ControlPlane
+
+    def broken(self, frames):
+        raise zmq.ZMQError(zmq.EFAULT, "receive failed")
+
+    _, ts = pair()
+    monkeypatch.setattr(ControlPlane, "_on_frames", broken)
+    try:
+        ts[0].publish("model/0", {"x": torch.ones(2)}, to=[1])
+        with pytest.raises(TransportFailed, match="control-plane receive thread failed: ZMQError"):
+            ts[1].receive("model/0", 0, timeout=60)
+    finally:
+        close(ts)

@@ -2,7 +2,8 @@
 """Soak: many nodes for many rounds, some killed (SIGKILL) and restarted (--resume) at random times.
 
 A plain ``dflsplit run`` of eval/configs/default.yaml (``run.on_peer_failure: skip``,
-``run.checkpoint_every: 1``) in a child process; at random rounds a tenth of the nodes are
+``run.checkpoint_every: 1``, every model sent as a torrent so that spools exist) in a child
+process at a lower priority (so that restarts come up while it runs); at random rounds a tenth of the nodes are
 killed with SIGKILL and, a moment later, restarted with ``dflsplit run --resume --nodes U``,
 which rejoins them into the run. Every few seconds the benchmark samples, for every live
 node process, its resident memory (``/proc/PID/statm``: one small read, it does not walk
@@ -107,7 +108,8 @@ class Soak:
                 "--out", str(self.out), "--no-progress",
                 "--set", f"run.procs_per_machine={self.nodes}", "--set", f"run.rounds={self.rounds}",
                 "--set", "node.test_after=10", "--set", "run.on_peer_failure=skip", "--set", "run.checkpoint_every=1",
-                "--set", "communication.timeout=20", "--set", f"run.base_port={port}", "--set", "run.start_timeout=300"]
+                "--set", "communication.timeout=20", "--set", f"run.base_port={port}", "--set", "run.start_timeout=300",
+                "--set", "communication.path=torrent"]  # every model a torrent: spools to leave behind
 
     def run(self, say=print) -> "Soak":
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -117,7 +119,9 @@ class Soak:
         mdir = self.out / "machine_0"
         cmd = self.command(free_base_port(self.nodes + 1, 15000))
         t0 = time.monotonic()
-        main = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # the run at a low priority, so that a restarted node starts while the run goes on
+        main = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: os.nice(10))
         restarts: list[subprocess.Popen] = []
         spool_parent = default_spool_parent(None)
         pending = list(plan)
@@ -136,7 +140,7 @@ class Soak:
                     say(f"round {progress[u]}: killed node {u} (pid {pids[u]}); restarting it")
                     time.sleep(1.0)
                     restarts.append(subprocess.Popen(cmd + ["--resume", "--nodes", str(u)], env=env,
-                                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
             now = time.monotonic()
             if now - last_sample >= 2.0 and pids:
                 last_sample = now
