@@ -213,7 +213,10 @@ class DataPlane:
         with self._members_lock:
             if self.failure is not None:
                 raise self.failure
+            first = not self.members and not self._started
             self.members[transport.uid] = transport
+        if first:  # spools that killed processes left behind go now, whether this plane starts or not
+            sweep_stale_spools(default_spool_parent(self.cfg.spool_dir))
         if not self.cfg.lazy_start:
             self.ensure_started()
 

@@ -63,18 +63,29 @@ def fds(pid: int) -> int | None:
         return None
 
 
-def spool_bytes(parent: Path) -> tuple[int, int]:
-    """(bytes, folders) of dflsplit spools under `parent`."""
-    total, folders = 0, 0
+def spools(parent: Path, pids: set[int]) -> list[Path]:
+    """The dflsplit spool folders under `parent` of the processes `pids` (named after their pid)."""
+    out = []
     for d in parent.glob(SPOOL_PREFIX + "*"):
-        folders += 1
-        for p in d.rglob("*"):
-            try:
+        try:
+            if int(d.name[len(SPOOL_PREFIX):].split("-", 1)[0]) in pids:
+                out.append(d)
+        except ValueError:
+            continue
+    return out
+
+
+def spool_bytes(parent: Path, pids: set[int]) -> tuple[int, int]:
+    """(bytes, folders) of the spools of the processes `pids` under `parent`."""
+    total, found = 0, spools(parent, pids)
+    for d in found:
+        try:
+            for p in d.rglob("*"):
                 if p.is_file():
                     total += p.stat().st_size
-            except OSError:
-                pass
-    return total, folders
+        except OSError:  # removed while we looked
+            continue
+    return total, len(found)
 
 
 def rounds_done(path: Path) -> int:
@@ -148,7 +159,7 @@ class Soak:
                 mem = {u: rss(p) for u, p in live.items()}
                 mem = {u: m for u, m in mem.items() if m is not None}
                 files = [n for n in (fds(p) for p in live.values()) if n is not None]
-                spool, folders = spool_bytes(spool_parent)
+                spool, folders = spool_bytes(spool_parent, set(pids.values()) | killed_pids)
                 never_killed = {u for u in mem if u not in {v for _, v in self.kills}}
                 for u in never_killed:
                     if progress[u] >= 10 and u not in self.at_round_10:
@@ -163,10 +174,10 @@ class Soak:
         self.returncodes = [main.returncode] + [p.wait(timeout=600) for p in restarts]
         self.wall = time.monotonic() - t0
         time.sleep(1.0)
-        self.leftover_spools = sum(1 for _ in spool_parent.glob(SPOOL_PREFIX + "*"))
         import psutil
 
         every = set(read_json(mdir / "pids.json").values()) | killed_pids
+        self.leftover_spools = len(spools(spool_parent, every))
         self.leftover_processes = [p for p in every if psutil.pid_exists(p) and
                                    psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         return self
@@ -184,7 +195,7 @@ class Soak:
             + ", ".join(f"node {u} at round {r}" for r, u in self.kills),
             f"wall {self.wall:.0f} s; exit codes {self.returncodes}",
             "method: /proc/PID/statm (resident memory) and /proc/PID/fd of every live node every 2 s; "
-            "spool = bytes under /dev/shm/dflsplit-*",
+            "spool = bytes in the spools of the run's processes (/dev/shm/dflsplit-<pid>-*)",
             "",
             f"{'s':>6} {'min round':>9} {'nodes':>5} {'RSS median MB':>13} {'RSS max MB':>10} {'fds max':>7} "
             f"{'spool MB':>8} {'spools':>6}",
