@@ -157,7 +157,7 @@ class Soak:
                 last_sample = now
                 live = {u: p for u, p in pids.items() if p not in killed_pids}
                 mem = {u: rss(p) for u, p in live.items()}
-                mem = {u: m for u, m in mem.items() if m is not None}
+                mem = {u: m for u, m in mem.items() if m}  # gone, or exited and not yet reaped (0)
                 files = [n for n in (fds(p) for p in live.values()) if n is not None]
                 spool, folders = spool_bytes(spool_parent, set(pids.values()) | killed_pids)
                 never_killed = {u for u in mem if u not in {v for _, v in self.kills}}
