@@ -47,7 +47,8 @@ log = logging.getLogger("dflsplit.launch")
 
 #: keys that may differ between the machines of one run (they do not change what is computed)
 MACHINE_LOCAL_KEYS = {
-    "run": ("machine_id", "out_dir", "progress", "log_level", "threads_per_proc", "device", "ip_file", "hosts"),
+    "run": ("machine_id", "out_dir", "progress", "log_level", "threads_per_proc", "device", "ip_file", "hosts",
+            "nodes_per_process"),
     "communication": ("spool_dir", "curve_keys"),
     "dataset": ("root",),
     "graph": ("file",),

@@ -40,7 +40,7 @@ import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import libtorrent as lt
 from safetensors import SafetensorError, safe_open
@@ -49,8 +49,6 @@ from .base import CommError, Message
 from .torrent_settings import peer_uid
 from .torrent_wire import Announcement
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .torrent import TorrentTransport
 
 log = logging.getLogger(__name__)
 

@@ -37,11 +37,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pickle
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
