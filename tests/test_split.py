@@ -16,12 +16,13 @@ from torch import nn
 from dflsplit.config import load_config
 from dflsplit.datasets import load_node_data, prepare_dataset
 from dflsplit.launch import RunFailed, run_experiment
-from dflsplit.mappings.stages import StageConfigError, StageMapping
+from dflsplit.mappings.stages import StageConfigError, StageMapping, device_server_rows
 from dflsplit.models import build_model
 from dflsplit.node.split import batch_sampler, split_timeline, stage_mapping
 from dflsplit.node.split_schedule import (
     Action,
     DataflowQueue,
+    PipelineSchedule,
     ScheduleDeadlock,
     Scheduled,
     SplitPlan,
@@ -74,31 +75,43 @@ def test_dataflow_queue_runs_ready_actions_by_priority():
         q.add(Scheduled(a, (), (0,)))
 
 
+def test_strict_queue_runs_its_list_in_order():
+    q = DataflowQueue(strict=True)
+    first, second = Action("fwd", 0, 1, 2), Action("fwd", 0, 1, 1)
+    q.add(Scheduled(first, (("act", 0, 1, 2, 0),), (0, 0)))
+    q.add(Scheduled(second, (), (0, 1)))
+    assert q.pop() is None  # `second` is ready, but `first` comes before it
+    q.produce(("act", 0, 1, 2, 0))
+    assert [q.pop(), q.pop()] == [first, second]
+
+
 def test_plan_of_worked_example_client_1():
     m = StageMapping(EXAMPLE, 4)
     plan = SplitPlan(m, 1, micro_batches=1, sync="fedavg")
     assert plan.hosted == [(1, 1), (1, 2), (1, 4), (4, 3)]
     assert plan.partners == {1: [2, 3, 4, 5], 2: [2, 3, 4, 5], 3: [2, 3, 4, 5], 4: [2, 3, 4, 5]}
     entries = {e.action: e for e in plan.step(0)}
-    fwd3 = entries[Action("fwd", 0, 4, 3)]
+    fwd3 = entries[Action("fwd", 0, 4, 3)]  # task 4_3: input from client 4, output to client 4
     assert fwd3.requires == (("ver", 0, 4, 3), ("act", 0, 4, 3, 0))
-    assert plan.outputs(fwd3.action) == [(("fwd", 0, 4, 3, 0), 1), (("act", 0, 4, 4, 0), 4)]
+    assert plan.outputs(fwd3.action) == [(("fwd", 0, 4, 3, 0), 1)]
+    recv = Action("recv", 0, 4, 3, 0, "act", 4)
+    assert entries[recv].requires == (("net_act", 0, 4, 3, 0),)
+    assert plan.outputs(recv) == [(("act", 0, 4, 3, 0), 1)]
+    send = Action("send", 0, 4, 4, 0, "act", 4)
+    assert entries[send].requires == (("fwd", 0, 4, 3, 0),)
+    assert plan.outputs(send) == [(("net_act", 0, 4, 4, 0), 4)]
+    assert plan.outputs(Action("fwd", 0, 1, 1)) == [(("fwd", 0, 1, 1, 0), 1), (("act", 0, 1, 2, 0), 1)]  # 1_2 is local
     bwd3 = Action("bwd", 0, 4, 3)  # task 4_6
     assert entries[bwd3].requires == (("fwd", 0, 4, 3, 0), ("grad", 0, 4, 3, 0))
-    assert plan.outputs(bwd3) == [(("bwd", 0, 4, 3, 0), 1), (("grad", 0, 4, 2, 0), 4)]
-    end1 = entries[Action("end", 0, 0, 1)]
-    assert set(end1.requires) == {("ver", 0, 1, 1), ("stepped", 0, 1, 1), ("sent", 0, 1)} | {
+    assert plan.outputs(Action("send", 0, 4, 2, 0, "grad", 4)) == [(("net_grad", 0, 4, 2, 0), 4)]
+    assert entries[Action("send", 0, 4, 2, 0, "grad", 4)].requires == (("bwd", 0, 4, 3, 0),)
+    sync1 = entries[Action("sync", 0, 0, 1)]
+    assert set(sync1.requires) == {("ver", 0, 1, 1), ("stepped", 0, 1, 1), ("shared", 0, 1)} | {
         ("sync", 0, 1, r) for r in (2, 3, 4, 5)}
-    # With every input present, the row tasks run in row order.
-    q = DataflowQueue()
-    q.add_all(e for e in plan.step(0) if e.action.kind in ("fwd", "bwd"))
-    for e in plan.step(0):
-        for tok in e.requires:
-            q.produce(tok)
-    order = []
-    while (a := q.pop()) is not None:
-        order.append((a.owner, a.partition if a.kind == "fwd" else 9 - a.partition))
-    assert order == [(1, 1), (1, 2), (4, 3), (1, 4), (1, 5), (4, 6), (1, 7), (1, 8)]
+    # every remote input has its receive, every remote output its send
+    kinds = [(a.kind, a.what, a.peer) for a in entries if a.kind in ("send", "recv")]
+    assert sorted(kinds) == sorted([(kind, what, peer) for kind in ("send", "recv") for what in ("act", "grad")
+                                    for peer in (2, 4)])  # 1_2 -> 1_3 on client 2 and back; 4_3 for client 4
 
 
 def test_gossip_partners_are_peer_graph_neighbours_and_none_has_none():
@@ -121,17 +134,23 @@ def test_sync_timeline_and_relay_turns():
     assert SplitPlan(m, 1).active(0) == [1, 2, 3, 4, 5]
     # relay: client 1 hosts owner 4's partition 3 but runs none of owner 4's tasks in turn 1
     kinds = {(e.action.kind, e.action.owner) for e in plan.step(0)}
-    assert ("fwd", 1) in kinds and ("fwd", 4) not in kinds and ("end", 0) in kinds
+    assert ("fwd", 1) in kinds and ("fwd", 4) not in kinds and ("sync", 0) in kinds
+
+
+def plans_of(rows, micro=1, schedule="gpipe", strict=False, trainers=None, **kw):
+    m = StageMapping(rows, 4, strict_order=strict)
+    return {c: SplitPlan(m, c, micro, schedule=schedule, strict=strict, trainers=trainers, **kw)
+            for c in range(1, m.num_clients + 1)}
 
 
 @pytest.mark.parametrize("rows", [EXAMPLE, ALL_LOCAL, SERVER], ids=["example", "all_local", "server"])
+@pytest.mark.parametrize("schedule,strict", [("gpipe", False), ("1f1b", False), ("gpipe", True), ("1f1b", True)])
 @pytest.mark.parametrize("sync,period,relay,micro", [
     ("fedavg", 1, False, 1), ("fedavg", 2, False, 3), ("gossip", 1, False, 2), ("none", 1, False, 1),
     ("fedavg", 2, True, 2),
 ])
-def test_every_client_completes_every_action(rows, sync, period, relay, micro):
-    m = StageMapping(rows, 4)
-    plans = {c: SplitPlan(m, c, micro, sync, period, relay) for c in range(1, m.num_clients + 1)}
+def test_every_client_completes_every_action(rows, schedule, strict, sync, period, relay, micro):
+    plans = plans_of(rows, micro, schedule, strict, sync=sync, sync_period=period, relay=relay)
     steps = 4
     ran = dry_run(plans, steps)
     for c, actions in ran.items():
@@ -144,7 +163,51 @@ def test_every_client_completes_every_action(rows, sync, period, relay, micro):
         pos = {a: i for i, a in enumerate(actions)}
         for a in actions:
             if a.kind == "fwd" and a.step > 0:
-                assert pos[Action("end", a.step - 1, 0, a.partition)] < pos[a]
+                assert pos[Action("sync", a.step - 1, 0, a.partition)] < pos[a]
+            if a.kind == "recv":  # a received input is used after it arrived, here
+                user = Action("fwd" if a.what == "act" else "bwd", a.step, a.owner, a.partition, a.micro)
+                assert pos[a] < pos[user]
+
+
+def alive_peak(actions, partition=None):
+    """The most activations a client holds at once in its list: forwards whose backward has not run."""
+    alive = peak = 0
+    for a in actions:
+        if partition is not None and a.partition != partition:
+            continue
+        alive += (a.kind == "fwd") - (a.kind == "bwd")
+        peak = max(peak, alive)
+    return peak
+
+
+def test_gpipe_runs_all_forwards_first_and_1f1b_bounds_what_is_in_flight():
+    local = [[f"1_{s}" for s in range(1, 9)]]
+    m = StageMapping(local, 4)
+    gpipe = PipelineSchedule({1: SplitPlan(m, 1, 4, schedule="gpipe")})
+    kinds = [e.action.kind for e in gpipe.ordered(1, 0) if e.action.kind in ("fwd", "bwd")]
+    assert kinds == ["fwd"] * 16 + ["bwd"] * 16
+    one = PipelineSchedule({1: SplitPlan(m, 1, 4, schedule="1f1b")})
+    labels = [e.action.label(4) for e in one.ordered(1, 0) if e.action.kind in ("fwd", "bwd")]
+    assert labels[:8] == ["F 1_1 #0", "F 1_2 #0", "F 1_3 #0", "F 1_4 #0", "B 1_5 #0", "B 1_6 #0", "B 1_7 #0",
+                          "B 1_8 #0"]  # one pipeline stage: depth 1, one micro-batch at a time
+    # device/server, 8 micro-batches: each device's first partition holds at most its depth (3) in flight
+    plans = {c: SplitPlan(StageMapping(SERVER, 4), c, 8, schedule="1f1b") for c in range(1, 6)}
+    assert plans[1].depth(1, 1) == 3 and plans[1].depth(1, 4) == 1 and plans[5].depth(1, 2) == 2
+    for name, bound in (("1f1b", 3), ("gpipe", 8)):
+        sched = PipelineSchedule({c: SplitPlan(StageMapping(SERVER, 4), c, 8, schedule=name) for c in range(1, 6)})
+        assert alive_peak([e.action for e in sched.ordered(1, 0)], partition=1) == bound
+    assert alive_peak(dry_run(plans, 2)[1], partition=1) == 3
+
+
+def test_strict_lists_keep_the_row_order_for_every_micro_batch():
+    plans = plans_of(EXAMPLE, 3, "1f1b", strict=True)
+    sched = PipelineSchedule(plans)
+    for c, plan in plans.items():
+        row = {task: i for i, task in enumerate(plan.stages.tasks(c))}
+        for m in range(3):
+            tasks = [(a.owner, a.partition if a.kind == "fwd" else 9 - a.partition)
+                     for a in (e.action for e in sched.ordered(c, 0)) if a.kind in ("fwd", "bwd") and a.micro == m]
+            assert [row[t] for t in tasks] == sorted(row[t] for t in tasks)
 
 
 def test_dataflow_runs_rows_a_strict_runner_would_deadlock_on():
@@ -155,16 +218,35 @@ def test_dataflow_runs_rows_a_strict_runner_would_deadlock_on():
     ran = dry_run(plans, 3)
     first_row_task = [a for a in ran[1] if a.kind in ("fwd", "bwd")][0]
     assert first_row_task == Action("fwd", 0, 1, 1)  # not 2_2, whose input is not there yet
+    # the same rows in strict order: the dry run finds the cycle rule 6 reports
+    strict = {c: SplitPlan(m, c, 2, strict=True) for c in (1, 2)}
+    with pytest.raises(ScheduleDeadlock, match=r"(?s)client 1: receiving the activation into 2_2 \(step 0, micro-batch 0\) "
+                       r"from client 2 waits for .*client 2: receiving the activation into 1_2"):
+        dry_run(strict, 1)
 
 
 def test_dry_run_reports_a_missing_sender():
-    m = StageMapping(EXAMPLE, 4)
-    plans = {c: SplitPlan(m, c) for c in range(1, 6)}
+    plans = plans_of(EXAMPLE)
     # client 2 never sends owner 2's activations to client 5, which runs 2_3
-    plans[2].outputs = lambda a: [(tok, c) for tok, c in SplitPlan.outputs(plans[2], a) if c != 5 or tok[0] != "act"]
-    with pytest.raises(ScheduleDeadlock, match=r"client 5: forward 2_3 \(step 0, micro-batch 0\) waits for "
-                       r"activation into owner 2's partition 3 \(step 0, micro-batch 0\)"):
+    plans[2].outputs = lambda a: [] if a.kind == "send" and a.peer == 5 else SplitPlan.outputs(plans[2], a)
+    with pytest.raises(ScheduleDeadlock, match=r"client 5: receiving the activation into 2_3 \(step 0, micro-batch 0\) "
+                       r"from client 2 waits for activation into owner 2's partition 3 \(step 0, micro-batch 0\) "
+                       r"from client 2"):
         dry_run(plans, 1)
+
+
+def test_device_server_layout_and_a_server_without_data():
+    rows = device_server_rows(5, 5, 4, 1)
+    m = StageMapping(rows, 4)  # valid, strict order included
+    assert m.runners[1] == [1, 5, 5, 1] and m.runners[5] == [5, 5, 5, 5]
+    assert StageMapping(device_server_rows(5, 5, 4, 2), 4).runners[2] == [2, 2, 5, 2]
+    assert all(len(set(r)) == 1 for r in StageMapping(device_server_rows(5, 5, 4, -1), 4).runners.values())
+    plans = plans_of(rows, 2, trainers=[1, 2, 3, 4])
+    assert {a.owner for e in plans[5].step(0) for a in [e.action] if a.kind == "fwd"} == {1, 2, 3, 4}
+    ran = dry_run(plans, 2)
+    assert not [a for a in ran[5] if a.kind == "fwd" and a.owner == 5]  # the server's own pipeline never runs
+    with pytest.raises(StageConfigError, match="split must be -1 or 1..2"):
+        device_server_rows(5, 5, 4, 0)
 
 
 # --------------------------------------------------------------------------- real runs

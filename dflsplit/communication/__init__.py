@@ -4,6 +4,8 @@
 (a `CommunicationConfig`): ``tcp`` (inline on ZeroMQ) or ``torrent`` (BitTorrent).
 """
 
+import copy
+
 from .base import (
     TRANSPORTS, BindError, CommError, Message, PayloadMismatch, PayloadRejected, PeerGone, PeerTimeout, Transport,
     TransportFailed,
@@ -13,8 +15,13 @@ from . import tcp, torrent  # noqa: F401  (register "tcp" and "torrent")
 
 
 def build_transport(uid: int, mapping, cfg, identity: dict | None = None) -> Transport:
-    """The transport `cfg.name` for node `uid` (not yet started). `identity` (the run id and
-    config hash) must match the peers' for their handshake to succeed."""
+    """The transport `cfg.name` for node `uid` (not yet started), with the node's own link caps
+    when ``cfg.node_limits`` names it. `identity` (the run id and config hash) must match
+    the peers' for their handshake to succeed."""
+    caps = getattr(cfg, "node_limits", None) or {}
+    if uid in caps:  # this node's own link (communication.node_limits)
+        cfg = copy.copy(cfg)
+        cfg.upload_limit, cfg.download_limit = caps[uid]
     transport = TRANSPORTS.get(cfg.name)(uid, mapping, cfg)
     transport.identity = dict(identity or {})
     return transport
