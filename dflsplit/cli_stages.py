@@ -195,12 +195,14 @@ def _dry_run(mapping: StageMapping, cfg, args: argparse.Namespace, order: str) -
             micro = 4
     if micro < 1:
         return _err(f"--micro-batches: expected a positive integer, got {micro}")
-    sync, trainers = "fedavg", None
+    sync, trainers, hub = "fedavg", None, None
     if cfg is not None:
         from dflsplit.node.split import sync_settings, trainers_of
 
         sync, trainers = sync_settings(cfg)[0], trainers_of(cfg)
-    plans = {c: SplitPlan(mapping, c, micro, sync, 2, schedule=name, strict=order == "strict", trainers=trainers)
+        hub = cfg.split.server + 1 if cfg.split.server is not None else None
+    plans = {c: SplitPlan(mapping, c, micro, sync, 2, schedule=name, strict=order == "strict", trainers=trainers,
+                          hub=hub)
              for c in range(1, mapping.num_clients + 1)}
     schedule = PipelineSchedule(plans)
     try:

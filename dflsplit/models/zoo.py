@@ -1,4 +1,4 @@
-"""The registered networks: mlp, cnn, lenet, resnet18."""
+"""The registered networks: mlp, cnn, lenet, resnet18, vgg."""
 
 from __future__ import annotations
 
@@ -86,3 +86,27 @@ def resnet18(cfg, input_shape, num_classes):
     blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
     head = nn.Sequential(net.avgpool, nn.Flatten(), net.fc)
     return PartitionedModel(stem, *blocks, head)
+
+
+@dataclass
+class VGGKeys:
+    """Keys of model `vgg`."""
+
+    width: int = key(16, "channels of the first block; the second has 4x, the third 8x", ge=1)
+
+
+@register_model("vgg", num_partitions=4, keys=VGGKeys)
+def vgg(cfg, input_shape, num_classes):
+    """Small VGG-style CNN (3x3 convolutions, ReLU, 2x2 max-pooling), 4 partitions: a light
+    first block (width w), a heavy second one (two convolutions of 4w), a third (8w), and the
+    classifier (flatten+linear). For 32×32 inputs such as CIFAR-10 (any size divisible by 8)."""
+    c, w = input_shape[0], cfg.width
+
+    def conv(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
+
+    block1 = nn.Sequential(*conv(c, w), nn.MaxPool2d(2))
+    block2 = nn.Sequential(*conv(w, 4 * w), *conv(4 * w, 4 * w), nn.MaxPool2d(2))
+    block3 = nn.Sequential(*conv(4 * w, 8 * w), nn.MaxPool2d(2))
+    features = flat_size(nn.Sequential(block1, block2, block3), input_shape)
+    return PartitionedModel(block1, block2, block3, nn.Sequential(nn.Flatten(), nn.Linear(features, num_classes)))

@@ -26,7 +26,8 @@ takes and checks the arriving messages, so the forward of micro-batch k+1 runs w
 is on the wire. A payload is released as soon as the action that needs it ran.
 
 Replica synchronisation at the end of every ``split.sync_every`` steps (or epochs; in
-device/server mode ``split.aggregation_frequency``): the replicas of a partition are
+device/server mode ``split.aggregation_frequency``, and through the server: each device
+sends its share to it and gets the average back): the replicas of a partition are
 combined by Sharing's aggregator (``sharing.aggregator``, so robust rules apply), weighted
 by the samples each trained on since the last synchronisation. ``fedavg``: all replicas
 of the partition (every runner ends with identical weights: each runner sends the
@@ -141,14 +142,20 @@ def batch_sampler(cfg, uid: int, num_samples: int) -> BatchSampler:
 
 def sync_settings(cfg) -> tuple[str, int, str]:
     """(sync, every, unit) of a config: ``split.sync``, ``sync_every``, ``sync_unit``, or in
-    device/server mode ``split.aggregation_frequency`` when set (-1: each epoch, 0: never)."""
+    device/server mode ``split.aggregation_frequency`` when set (-1: each epoch, 0: never).
+    In device/server mode fedavg goes through the server (``star``), as in PiPar: each
+    device uploads its share once and downloads the average once."""
     sp = cfg.split
     k = sp.aggregation_frequency
+    sync, every, unit = sp.sync, sp.sync_every, sp.sync_unit
     if sp.server is not None and k is not None:
         if k == 0:
-            return "none", 1, "steps"
-        return ("fedavg", 1, "epochs") if k == -1 else ("fedavg", k, "steps")
-    return sp.sync, sp.sync_every, sp.sync_unit
+            sync, every, unit = "none", 1, "steps"
+        else:
+            sync, every, unit = ("fedavg", 1, "epochs") if k == -1 else ("fedavg", k, "steps")
+    if sp.server is not None and sync == "fedavg":
+        sync = "star"
+    return sync, every, unit
 
 
 def steps_per_epoch(cfg, dataset=None) -> int:
@@ -183,8 +190,9 @@ def build_schedule(cfg, stages, period: int) -> PipelineSchedule:
     sync, _, _ = sync_settings(cfg)
     sp = cfg.split
     trainers = trainers_of(cfg)
+    hub = uid_to_client(sp.server) if sp.server is not None else None
     plans = {c: SplitPlan(stages, c, sp.micro_batches, sync, period, relay=sp.mode == "relay", schedule=sp.schedule,
-                          strict=sp.order == "strict", trainers=trainers)
+                          strict=sp.order == "strict", trainers=trainers, hub=hub)
              for c in range(1, stages.num_clients + 1)}
     return PipelineSchedule(plans)
 
@@ -589,6 +597,12 @@ class SplitNode(Node):
             reps[0].samples = 0
             return
         own = self.shares.pop((t, p), None) or self._share(p)
+        if self.plan.star(p) and self.client != self.plan.hub:  # a spoke: the hub's average
+            new = self.inbox.pop(("avg", t, p))
+            for rep in reps:
+                rep.module.load_state_dict(new, strict=False)
+                rep.samples = 0
+            return
         shares = {self.client: own}
         for r in partners:
             shares[r] = self.inbox.pop(("sync", t, p, r))
@@ -604,6 +618,9 @@ class SplitNode(Node):
         total = sum(shares[i][1] for i in ids)
         weights = [shares[i][1] / total for i in ids] if total else [1 / len(ids)] * len(ids)
         new = self.aggregation([shares[i][0] for i in ids], weights)
+        if self.plan.star(p):  # the hub: the average goes back to every spoke
+            self.sender.publish(f"{PREFIX}avg/{t}/{p}", {k: v.clone() for k, v in new.items()},
+                                [client_to_uid(r) for r in partners])
         for rep in reps:
             rep.module.load_state_dict(new, strict=False)
             rep.samples = 0
@@ -699,6 +716,12 @@ class SplitNode(Node):
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ValueError("header 'samples' must be an integer >= 0")
             return (kind, *ints), ({k: v.to(self.device) for k, v in msg.tensors.items()}, n)
+        if kind == "avg" and len(ints) == 2:
+            t, p = ints
+            if sender != self.plan.hub or not self.plan.star(p) or self.client == self.plan.hub:
+                raise ValueError(f"client {sender} is not the hub that averages partition {p} for client {self.client}")
+            check_payload(msg, self.sync_expect[p])
+            return (kind, *ints), {k: v.to(self.device) for k, v in msg.tensors.items()}
         raise ValueError("unknown kind of split message")
 
     def _blocked_report(self) -> str:

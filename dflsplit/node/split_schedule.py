@@ -8,12 +8,14 @@ A step of client c, for a stage mapping and M micro-batches, is a list of action
   gradient of partition p's output) to / from client ``peer``;
 * ``step`` (o, p): the optimizer step of replica (o, p), after its M backwards;
 * ``share`` (p): this client's share of partition p, to its sync partners;
-* ``sync`` (p): replica sync of partition p (combine the shares), closing step t for it.
+* ``sync`` (p): replica sync of partition p (combine the shares), closing step t for it;
+  with ``star`` sync the hub combines and sends the result back (``avg``).
 
 Each action waits for *tokens* (tuples whose first two items are (kind, step)): ``ver``
 (t, o, p) a replica up to date, ``act`` / ``grad`` (t, o, p, m) an input at hand,
 ``net_act`` / ``net_grad`` the message carrying one arrived, ``fwd`` / ``bwd`` (t, o, p, m)
-a pass done, ``stepped``, ``shared``, ``sync`` (t, p, r) client r's share arrived.
+a pass done, ``stepped``, ``shared``, ``sync`` (t, p, r) client r's share arrived, ``avg``
+(t, p) the hub's combined partition arrived.
 
 A schedule class (``SCHEDULES``) shapes the order, as torch.distributed.pipelining does:
 
@@ -49,7 +51,7 @@ from ..registry import Registry
 
 Token = tuple
 ActionKind = Literal["fwd", "bwd", "send", "recv", "step", "share", "sync"]
-SyncMode = Literal["fedavg", "gossip", "none"]
+SyncMode = Literal["fedavg", "gossip", "star", "none"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ def describe_token(token: Token) -> str:
         return f"optimizer step of owner {token[2]}'s partition {token[3]} (step {t})"
     if kind == "shared":
         return f"this client's share of partition {token[2]} (step {t})"
+    if kind == "avg":
+        return f"the averaged partition {token[2]} (step {t})"
     return f"{kind} {token[1:]}"
 
 
@@ -147,7 +151,7 @@ def describe_blocked(blocked: dict[Action, set[Token]], num_partitions: int, lim
     likely root causes first: actions that wait only for other clients, those waiting
     for an activation or gradient before those waiting for a sync share.
     ``source(token)`` names the other client a token comes from (None: from here)."""
-    rank = {"net_act": 0, "net_grad": 0, "act": 0, "grad": 0, "sync": 1}
+    rank = {"net_act": 0, "net_grad": 0, "act": 0, "grad": 0, "sync": 1, "avg": 1}
 
     def key(a: Action) -> tuple[bool, int]:
         only_remote = all(source(t) for t in blocked[a]) if source else True
@@ -236,7 +240,10 @@ class SplitPlan:
     settings.
 
     ``sync``: ``fedavg`` averages a partition's replicas among all its runners,
-    ``gossip`` among runners that are neighbours in the peer graph, ``none`` never.
+    ``gossip`` among runners that are neighbours in the peer graph, ``star`` as fedavg
+    but through client ``hub`` (every runner sends its share to the hub, which combines
+    them and sends the result back: one upload per runner instead of one per partner),
+    ``none`` never.
     ``sync_period``: steps between synchronisations (at steps t with (t+1) % period == 0).
     ``relay``: owners take turns of ``sync_period`` steps; with fedavg weighted by samples
     the trained weights pass on. ``trainers``: the owners that hold data (default: all);
@@ -255,9 +262,13 @@ class SplitPlan:
         schedule: str | Schedule = "gpipe",
         strict: bool = False,
         trainers: Optional[Iterable[int]] = None,
+        hub: Optional[int] = None,
     ):
         if micro_batches < 1 or sync_period < 1:
             raise ValueError("micro_batches and sync_period must be >= 1")
+        if sync == "star" and hub is None:
+            raise ValueError("star sync needs its hub client")
+        self.hub = hub
         self.stages = stages
         self.client = client
         self.P: int = stages.P
@@ -283,7 +294,13 @@ class SplitPlan:
             return []
         if self.sync == "gossip":
             runners &= set(self.stages.neighbors(self.client))
+        if self.star(p) and self.client != self.hub:
+            return [self.hub]
         return sorted(runners)
+
+    def star(self, p: int) -> bool:
+        """Whether partition p syncs through the hub (star sync, the hub one of its runners)."""
+        return self.sync == "star" and self.hub in self.stages.replicas(p).values()
 
     def depth(self, owner: int, partition: int) -> int:
         """Pipeline stages from `partition` of `owner` to the end: runs of consecutive
@@ -346,10 +363,16 @@ class SplitPlan:
             stepped = tuple(("stepped", t, o, p) for o in owners if o in active)
             last = max((self.row_pos[(o, 2 * P + 1 - p)] for o in owners), default=0)
             req = versions + stepped
-            if sync and self.partners[p]:
+            hub = self.star(p) and self.client == self.hub
+            if sync and self.partners[p] and not hub:
                 a = Action("share", t, 0, p)
                 out.append(Scheduled(a, req, self.schedule.preference(a, last)))
-                req += (("shared", t, p),) + tuple(("sync", t, p, r) for r in self.partners[p])
+                if self.star(p):  # a spoke: the hub's result
+                    req += (("shared", t, p), ("avg", t, p))
+                else:
+                    req += (("shared", t, p),) + tuple(("sync", t, p, r) for r in self.partners[p])
+            elif sync and hub:  # the hub: every spoke's share
+                req += tuple(("sync", t, p, r) for r in self.partners[p])
             a = Action("sync", t, 0, p)
             out.append(Scheduled(a, req, self.schedule.preference(a, last)))
         return out
@@ -394,7 +417,10 @@ class SplitPlan:
             return [(("stepped", t, o, p), me)]
         if kind == "share":
             return [(("shared", t, p), me)] + [(("sync", t, p, me), r) for r in self.partners[p]]
-        return [(("ver", t + 1, q, p), me) for q in self.local_owners[p]]
+        out = [(("ver", t + 1, q, p), me) for q in self.local_owners[p]]
+        if self.star(p) and me == self.hub and self.syncs_at(t):
+            out += [(("avg", t, p), r) for r in self.partners[p]]
+        return out
 
     def source(self, token: Token) -> Optional[int]:
         """The other client that sends `token` to this one; None when it is made here."""
@@ -405,6 +431,8 @@ class SplitPlan:
             c = self.stages.runner(token[2], token[3] + 1)
         elif kind == "sync":
             c = token[3]
+        elif kind == "avg":
+            c = self.hub
         else:
             return None
         return c if c != self.client else None
@@ -474,6 +502,14 @@ class DataflowQueue:
 
     def pop(self) -> Optional[Action]:
         """The ready action of lowest priority (removed from the queue), or None."""
+        if self.peek() is None:
+            return None
+        _, _, a = heapq.heappop(self._ready)
+        del self._priority[a]
+        return a
+
+    def peek(self) -> Optional[Action]:
+        """The action `pop` would return, left in the queue."""
         if not self._ready:
             return None
         if self.strict:
@@ -481,9 +517,7 @@ class DataflowQueue:
                 heapq.heappop(self._queued)
             if self._queued[0][2] != self._ready[0][2]:
                 return None
-        _, _, a = heapq.heappop(self._ready)
-        del self._priority[a]
-        return a
+        return self._ready[0][2]
 
     def __len__(self) -> int:
         """Actions queued and not yet popped (ready or waiting)."""
