@@ -186,7 +186,7 @@ def _dry_run(mapping: StageMapping, cfg, args: argparse.Namespace, order: str) -
 
     name = args.schedule or (cfg.split.schedule if cfg is not None else "gpipe")
     if name not in SCHEDULES:
-        return _err(f"--schedule: unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
+        return _err(f"--schedule: unknown schedule {name!r}; known: {', '.join(SCHEDULES.names())}")
     micro = args.micro_batches
     if micro is None:
         micro = cfg.split.micro_batches if cfg is not None else 1

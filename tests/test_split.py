@@ -4,6 +4,7 @@ real multi-process runs over tcp compared with a single-process unsplit referenc
 from __future__ import annotations
 
 import copy
+import csv
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from dflsplit.datasets import load_node_data, prepare_dataset
 from dflsplit.launch import RunFailed, run_experiment
 from dflsplit.mappings.stages import StageConfigError, StageMapping, device_server_rows
 from dflsplit.models import build_model
-from dflsplit.node.split import batch_sampler, split_timeline, stage_mapping
+from dflsplit.node.split import batch_sampler, data_shard_of, split_timeline, stage_mapping, sync_settings
 from dflsplit.node.split_schedule import (
     Action,
     DataflowQueue,
@@ -279,22 +280,25 @@ def float_state(module):
 
 
 def reference(cfg, steps):
-    """Single process, no split: every owner trains the model assembled from its replicas
-    on the same batches; replicas are averaged by samples as `cfg.split` says."""
+    """Single process, no split: every owner with data trains the model assembled from its
+    replicas on the same batches; replicas are averaged by samples as the config says (a
+    device/server run's server holds no data: its replicas only take the average)."""
     torch.manual_seed(0)
     prepare_dataset(cfg)
     stages = stage_mapping(cfg)
     n, P = stages.num_clients, stages.P
-    data = {o: load_node_data(cfg, o - 1) for o in range(1, n + 1)}
+    shards = {o: data_shard_of(cfg, o - 1) for o in range(1, n + 1)}
+    data = {o: load_node_data(cfg, o - 1, shards[o]) for o in range(1, n + 1)}
+    trainers = [o for o in data if shards[o] is not None]
     model = build_model(cfg.model, data[1].input_shape, data[1].num_classes, seed=cfg.run.seed)
-    samplers = {o: batch_sampler(cfg, o - 1, len(data[o].train_y)) for o in data}
+    samplers = {o: batch_sampler(cfg, o - 1, len(data[o].train_y)) for o in trainers}
     reps = {(o, p): copy.deepcopy(model[p - 1]) for o in data for p in range(1, P + 1)}
     opts = {k: build_optimizer(cfg.optimizer, r.parameters()) for k, r in reps.items()}
     samples = dict.fromkeys(reps, 0)
     _, period = split_timeline(cfg)
-    sp = cfg.split
+    sync = sync_settings(cfg)[0]
     for t in range(steps):
-        owners = [t // period % n + 1] if sp.mode == "relay" else list(data)
+        owners = [trainers[t // period % len(trainers)]] if cfg.split.mode == "relay" else trainers
         for o in owners:
             idx = samplers[o].next()
             net = nn.Sequential(*(reps[(o, p)] for p in range(1, P + 1)))
@@ -304,10 +308,10 @@ def reference(cfg, steps):
                 opts[(o, p)].step()
                 opts[(o, p)].zero_grad()
                 samples[(o, p)] += len(idx)
-        if sp.sync == "none" or (t + 1) % period:
+        if sync == "none" or (t + 1) % period:
             continue
         for p in range(1, P + 1):
-            if sp.sync == "fedavg":
+            if sync in ("fedavg", "star"):
                 groups = {o: list(data) for o in data}
             else:  # gossip: owners whose replicas run on the same or a neighbouring runner
                 runner = stages.replicas(p)
@@ -363,6 +367,139 @@ def test_split_run_equals_unsplit_reference(tmp_path, base_port, rows, model, ex
         assert not all(same)
     if cfg.split.mode == "relay":  # one owner trains per turn of 2 steps: 4 of 20 steps each
         assert [sum(r["steps_trained"] for r in records[u]) for u in range(5)] == [4] * 5
+
+
+def records_of(run_dir, nodes):
+    return {u: [json.loads(x) for x in (Path(run_dir) / "machine_0" / f"node_{u}.jsonl").read_text().splitlines()]
+            for u in range(nodes)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("micro", [1, 2, 4])
+def test_pipelined_run_equals_unsplit_reference(tmp_path, base_port, schedule, micro):
+    """M micro-batches in flight, in either schedule, train exactly the unsplit full-batch model."""
+    cfg = split_config(tmp_path, base_port, EXAMPLE, f"split.micro_batches={micro}", f"split.schedule={schedule}")
+    run_experiment(cfg, tmp_path / "run")
+    assert_matches_reference(cfg, tmp_path / "run", 20)
+
+
+@pytest.mark.slow
+def test_1f1b_keeps_fewer_activations_alive_than_gpipe_at_8_micro_batches(tmp_path, base_port):
+    peaks = {}
+    for i, schedule in enumerate(("gpipe", "1f1b")):
+        cfg = split_config(tmp_path, base_port + 20 * i, EXAMPLE, "split.micro_batches=8",
+                           f"split.schedule={schedule}")
+        run_experiment(cfg, tmp_path / schedule)
+        assert_matches_reference(cfg, tmp_path / schedule, 20)
+        records = records_of(tmp_path / schedule, 5)
+        peaks[schedule] = {u: max(r["peak_activations"] for r in rs) for u, rs in records.items()}
+    # client 1 holds owner 1's partitions 1, 2 and 4 and owner 4's 3: gpipe keeps all 8 micro-batches of each
+    # alive at once; 1f1b at most the pipeline depth from each (3, 3, 1 and 2)
+    assert peaks["gpipe"][0] >= 8 * 3
+    assert all(peaks["1f1b"][u] < peaks["gpipe"][u] for u in range(5)), peaks
+    assert peaks["1f1b"][0] <= 3 + 3 + 1 + 2
+
+
+@pytest.mark.slow
+def test_strict_order_run_equals_unsplit_reference(tmp_path, base_port):
+    cfg = split_config(tmp_path, base_port, EXAMPLE, "split.order=strict", "split.schedule=1f1b",
+                       "split.micro_batches=2")
+    run_experiment(cfg, tmp_path / "run")
+    assert_matches_reference(cfg, tmp_path / "run", 20)
+
+
+def device_server_config(tmp_path, base_port, *overrides):
+    """PiPar's device/server mode on digits: 4 devices and a server (node 4), one epoch a round."""
+    data = {
+        "run": {"name": "pipar-test", "procs_per_machine": 5, "rounds": 2, "base_port": base_port,
+                "threads_per_proc": 1, "progress": False},
+        "dataset": {"name": "digits"},
+        "model": {"name": "mlp", "hidden": [32, 32, 16], "partitions": 4},
+        "optimizer": {"name": "sgd", "lr": 0.1},
+        "training": {"batch_size": 32, "local_steps": None, "local_epochs": 1},
+        "node": {"name": "split", "test_after": 1},
+        "communication": {"name": "tcp", "timeout": 60},
+        "split": {"server": 4, "split": 1, "micro_batches": 4, "aggregation_frequency": -1, "save_model": True},
+    }
+    path = tmp_path / "pipar.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path, list(overrides))
+
+
+@pytest.mark.slow
+def test_device_server_mode_trains_every_sample_once_per_epoch_and_writes_results_csv(tmp_path, base_port):
+    cfg = device_server_config(tmp_path, base_port)
+    summary = run_experiment(cfg, tmp_path / "run")
+    epoch = split_timeline(cfg)[0]
+    assert epoch == 12  # 1437 digits over 4 devices: 359 or 360 samples, 12 batches of 32 (the last smaller)
+    ref = assert_matches_reference(cfg, tmp_path / "run", 2 * epoch)
+    first = ref[1]  # aggregated every epoch, through the server: every model ends equal, the server's too
+    assert all(torch.allclose(first[k], m[k], atol=1e-6) for m in ref.values() for k in first)
+    records = records_of(tmp_path / "run", 5)
+    shard = {u: len(load_node_data(cfg, u, data_shard_of(cfg, u)).train_y) for u in range(4)}
+    for u in range(4):  # every sample of a device's shard trained exactly once in each epoch
+        assert [r["sample_counts"] for r in records[u]] == [[1, 1], [2, 2]]
+        assert [r["role"] for r in records[u]] == ["device"] * 2
+    assert "sample_counts" not in records[4][0] and records[4][0]["role"] == "server"
+    for u, rs in records.items():
+        for r in rs:
+            assert r["held_payloads"] == 0  # nothing of its steps kept after its use
+            parts = r["compute_seconds"] + r["comm_wait_seconds"] + r["idle_seconds"]
+            assert abs(parts - r["train_seconds"]) <= 0.05 * r["train_seconds"], r  # the node's time, accounted
+            assert r["compute_seconds"] == pytest.approx(sum(r[f"{k}_seconds"] for k in (
+                "data_load", "forward", "backward", "update", "sync")))
+    with open(Path(summary["machine_dir"]) / "results.csv") as f:
+        rows = {int(r["node"]): r for r in csv.DictReader(f)}
+    assert sorted(rows) == [0, 1, 2, 3, 4]
+    assert [rows[u]["role"] for u in range(5)] == ["device"] * 4 + ["server"]
+    assert [int(rows[u]["samples"]) for u in range(5)] == [2 * shard[u] for u in range(4)] + [0]
+    for u, row in rows.items():
+        assert float(row["mb_communicated"]) == pytest.approx(
+            (records[u][-1]["bytes_sent"] + records[u][-1]["bytes_received"]) / 1e6, rel=0.05)
+        assert float(row["test_acc"]) == pytest.approx(records[u][-1]["test_acc"], abs=1e-6)
+        assert float(row["forward_s"]) == pytest.approx(sum(r["forward_seconds"] for r in records[u]), rel=1e-4)
+        assert (int(row["held_end"]), int(row["mailbox_end"]), int(row["spool_end_bytes"])) == (0, 0, 0)
+    assert float(rows[4]["forward_s"]) > 0 and float(rows[0]["forward_s"]) > 0  # both sides compute
+
+
+@pytest.mark.slow
+def test_auto_split_and_micro_batches_are_chosen_at_launch(tmp_path, base_port):
+    cfg = device_server_config(tmp_path, base_port, "split.split=auto", "split.micro_batches=auto",
+                               "run.rounds=1", "split.profile_repeats=1")
+    summary = run_experiment(cfg, tmp_path / "run")
+    chosen = yaml.safe_load((Path(summary["machine_dir"]) / "config.yaml").read_text())["split"]
+    assert chosen["split"] in (-1, 1, 2) and chosen["micro_batches"] in (1, 2, 4, 8, 16)
+    assert summary["nodes"] == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["auto", "torrent"])
+def test_per_step_traffic_leaves_spool_and_mailbox_as_they_were(tmp_path, base_port, path):
+    """2 MiB activations each way every step: with the default path (one receiver: inline) the
+    spool stays empty and the mailbox drains after every round; a forced torrent path keeps
+    files for retention_rounds (the check can fail)."""
+    rows = [["1_1", "2_2", "1_3", "1_4", "2_5", "1_6"], ["2_1", "1_2", "2_3", "2_4", "1_5", "2_6"]]
+    steps = (10, 10) if path == "auto" else (2, 3)
+    cfg = split_config(tmp_path, base_port, rows, "model.hidden=[8192, 16]", "model.partitions=3",
+                       "training.batch_size=64", f"run.rounds={steps[0]}", f"training.local_steps={steps[1]}",
+                       "communication.name=torrent", f"communication.path={path}", "node.test_after=100",
+                       "split.sync=none")
+    summary = run_experiment(cfg, tmp_path / "run")
+    records = records_of(tmp_path / "run", 2)
+    with open(Path(summary["machine_dir"]) / "results.csv") as f:
+        end = {int(r["node"]): r for r in csv.DictReader(f)}
+    for u, rs in records.items():
+        assert sum(r["steps_trained"] for r in rs) == steps[0] * steps[1]
+        # an activation and a gradient of 2 MiB a step (64 x 8192 floats; the last batch of each pass is smaller)
+        assert rs[-1]["payload_bytes_sent"] >= 0.8 * steps[0] * steps[1] * 2 * (2 << 20)
+        assert all(r["held_payloads"] == 0 for r in rs)
+        assert int(end[u]["held_end"]) == 0 and int(end[u]["mailbox_end"]) == 0  # the mailbox as it started
+        spool = [r["spool_bytes"] for r in rs]
+        if path == "auto":
+            assert spool == [0] * steps[0] and int(end[u]["spool_end_bytes"]) == 0  # the spool as it started
+        else:
+            assert min(spool) >= 2 << 20  # torrents kept for retention_rounds
 
 
 @pytest.mark.slow

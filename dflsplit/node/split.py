@@ -95,7 +95,7 @@ RESULT_COLUMNS = (
     "node", "role", "rounds", "steps", "samples", "data_load_s", "forward_s", "backward_s", "update_s", "sync_s",
     "send_s", "receive_s", "idle_s", "compute_s", "comm_wait_s", "train_s", "accounted_pct", "upload_s",
     "download_s", "eval_s", "total_s", "mb_sent", "mb_received", "mb_communicated", "peak_activations",
-    "test_loss", "test_acc",
+    "test_loss", "test_acc", "held_end", "mailbox_end", "spool_end_bytes",
 )
 
 
@@ -214,24 +214,31 @@ class Replica:
 
 
 class Clock:
-    """Seconds per activity of the compute thread; a nested activity's time counts for it
-    alone, not for the one around it."""
+    """Seconds per activity of the compute thread, on one timeline: `charge(activity)` gives
+    the time since the last charge to `activity`, so every moment counts once; time taken
+    inside it by `within` goes to that other activity instead."""
 
     def __init__(self):
         self.seconds: dict[str, float] = dict.fromkeys(ACTIVITIES, 0.0)
-        self._inner: list[float] = []  # time of nested activities, taken out of the enclosing one
+        self._last = time.perf_counter()
+        self._moved: dict[str, float] = {}
+
+    def charge(self, activity: str) -> None:
+        now = time.perf_counter()
+        moved = sum(self._moved.values())
+        self.seconds[activity] += now - self._last - moved
+        for k, v in self._moved.items():
+            self.seconds[k] += v
+        self._moved.clear()
+        self._last = now
 
     @contextmanager
-    def __call__(self, activity: str):
+    def within(self, activity: str):
         t0 = time.perf_counter()
-        self._inner.append(0.0)
         try:
             yield
         finally:
-            spent = time.perf_counter() - t0
-            self.seconds[activity] += spent - self._inner.pop()
-            if self._inner:
-                self._inner[-1] += spent
+            self._moved[activity] = self._moved.get(activity, 0.0) + time.perf_counter() - t0
 
 
 class Sender:
@@ -376,7 +383,7 @@ class SplitNode(Node):
     def check_config(cls, cfg) -> str | None:
         sp, n = cfg.split, cfg.num_nodes
         if sp.schedule not in SCHEDULES:
-            return f"section 'split': key 'schedule': unknown schedule {sp.schedule!r}; known: {', '.join(SCHEDULES)}"
+            return f"section 'split': key 'schedule': unknown schedule {sp.schedule!r}; known: {', '.join(SCHEDULES.names())}"
         if cfg.training.name != "local_sgd":
             return (f"section 'training': key 'name': split nodes run their own steps (local_sgd's sampler and "
                     f"optimizer); training {cfg.training.name!r} is for gossip and federated nodes")
@@ -449,31 +456,31 @@ class SplitNode(Node):
         self.clock = clock = Clock()
         start = time.perf_counter()
         peak = 0
-        with clock("data_load"):
-            for t in steps:
-                if self.trains and self.client in self.plan.active(t):
-                    batch = self.sampler.next()
-                    self.batches[t] = list(torch.tensor_split(batch, self.plan.M))
-                    self.batch_sizes[t] = len(batch)
-                    self.losses[t] = 0.0
+        for t in steps:
+            if self.trains and self.client in self.plan.active(t):
+                batch = self.sampler.next()
+                self.batches[t] = list(torch.tensor_split(batch, self.plan.M))
+                self.batch_sizes[t] = len(batch)
+                self.losses[t] = 0.0
         for t in steps:
             self.queue.add_all(self.schedule.ordered(self.client, t))
+        clock.charge("data_load")  # the round's batches drawn and its actions queued
         timeout = self.cfg.communication.timeout
         deadline = time.monotonic() + timeout
         while len(self.queue):
             self.sender.check()
-            with clock("receive"):
-                self._take_arrivals(None)
+            self._take_arrivals(None)
+            clock.charge("receive")
             action = self.queue.pop()
             if action is not None:
-                with clock(ACTIVITY[action.kind]):
-                    self._run(action)
+                self._run(action)
+                clock.charge(ACTIVITY[action.kind])
                 peak = max(peak, len(self.saved))
                 deadline = time.monotonic() + timeout
                 continue
-            with clock("idle"):
-                if self._take_arrivals(deadline):
-                    deadline = time.monotonic() + timeout
+            if self._take_arrivals(deadline):
+                deadline = time.monotonic() + timeout
+            clock.charge("idle")
         wall = time.perf_counter() - start
         self.queue.forget(t0 + S)
         self.batches.clear()
@@ -495,9 +502,7 @@ class SplitNode(Node):
         out.update(compute_seconds=compute, comm_wait_seconds=comm, train_seconds=wall,
                    accounted=(compute + comm + sec["idle"]) / wall if wall > 0 else 1.0,
                    upload_seconds=upload, download_seconds=self._download, peak_activations=peak,
-                   held_payloads=len(self.inbox) + len(self.outbox) + len(self.saved) + len(self.shares),
-                   mailbox_messages=len(getattr(self.transport, "mailbox", ())),
-                   spool_bytes=_folder_bytes(getattr(self.transport, "spool", None)))
+                   **self.holdings())
         if len(self.trained):
             out["sample_counts"] = [int(self.trained.min()), int(self.trained.max())]
         for k in ACTIVITIES:
@@ -507,6 +512,17 @@ class SplitNode(Node):
                            peak=max(self.totals["peak"], peak))
         self._download = 0.0
         return out
+
+    def holdings(self, suffix: str = "") -> dict[str, int]:
+        """What this node still holds: payloads of its own steps (inbox, outbox, saved
+        activations, shares; 0 after a round), messages in the transport's mailbox (peers'
+        early messages of the next round or the evaluation may be there during a run) and
+        bytes in the transport's spool (torrents kept for retention_rounds)."""
+        return {("held" + suffix if suffix else "held_payloads"):
+                len(self.inbox) + len(self.outbox) + len(self.saved) + len(self.shares),
+                ("mailbox" + suffix if suffix else "mailbox_messages"): len(getattr(self.transport, "mailbox", ())),
+                ("spool" + suffix + "_bytes" if suffix else "spool_bytes"):
+                _folder_bytes(getattr(self.transport, "spool", None))}
 
     def _run(self, a: Action) -> None:
         """Run one action: its handler, then the tokens it makes here (what goes to another
@@ -528,7 +544,7 @@ class SplitNode(Node):
         rep = self.replicas[(o, p)]
         if p == 1:
             idx = self.batches[t][m]
-            with self.clock("data_load"):
+            with self.clock.within("data_load"):
                 x = self.data.train_x[idx]
             self.trained[idx] += 1
         else:
@@ -778,6 +794,7 @@ class SplitNode(Node):
             "total_s": train + tot["eval"], "mb_sent": sent, "mb_received": received,
             "mb_communicated": sent + received, "peak_activations": int(tot["peak"]),
             "test_loss": self.last_test.get("test_loss"), "test_acc": self.last_test.get("test_acc"),
+            **self.holdings("_end"),
         }
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
 

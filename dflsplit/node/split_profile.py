@@ -33,6 +33,7 @@ import math
 import multiprocessing as mp
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -200,8 +201,6 @@ def measure_link(up_cap: int, down_cap: int, seconds: float = 0.25) -> tuple[flo
     me.start()
     other.start()
     try:
-        import threading
-
         t = threading.Thread(target=other.connect, args=([0],))
         t.start()
         me.connect([1])
@@ -222,8 +221,11 @@ def measure_link(up_cap: int, down_cap: int, seconds: float = 0.25) -> tuple[flo
             rates.append((n2 - n1) / max(t2 - t1, 1e-9))
         return rates[0], rates[1]
     finally:
-        for tr in (me, other):
-            tr.close(0.5)
+        closers = [threading.Thread(target=tr.close, args=(5.0,)) for tr in (me, other)]  # each waits for the other's BYE
+        for c in closers:
+            c.start()
+        for c in closers:
+            c.join()
 
 
 def node_caps(cfg, uid: int) -> tuple[int, int]:
