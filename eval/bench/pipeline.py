@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Pipelined split learning (PiPar's device/server mode), every figure measured in this invocation.
 
-Workload: 4 devices (nodes 0-3) and a server (node 4); the small VGG (``model: vgg``,
-width 32) on CIFAR-shaped synthetic data (3×32×32, 10 classes, 160 training samples per
-device, batch 32: an epoch is 5 steps); each device keeps the first ``split`` partitions and the last,
-the server the ones in between; replicas averaged through the server each epoch
-(``aggregation_frequency: -1``); each device's link capped at 10 Mbit/s up and 25 Mbit/s
-down (``communication.node_limits``), the server's uncapped; the default transport.
+Workload: eval/configs/pipeline/vgg4.yaml: 4 devices (nodes 0-3) and a server (node 4);
+the small VGG (``model: vgg``, width 32) on CIFAR-shaped synthetic data (3×32×32, 10
+classes, 160 training samples per device, batch 32: an epoch is 5 steps); each device
+keeps the first ``split`` partitions and the last, the server the ones in between;
+replicas averaged through the server each epoch (``aggregation_frequency: -1``); each
+device's link capped at 10 Mbit/s up and 25 Mbit/s down (``communication.node_limits``),
+the server's uncapped; the default transport.
 
 Rows:
 
@@ -65,16 +66,13 @@ ROUNDS = 3
 
 
 def workload(width: int, samples: int) -> dict:
-    return {
-        "run": {"name": "bench-pipeline", "procs_per_machine": DEVICES + 1, "rounds": ROUNDS, "progress": False},
-        "dataset": {"name": "synthetic", "image_shape": [3, 32, 32], "num_train": samples * DEVICES, "num_test": 200},
-        "model": {"name": "vgg", "width": width},
-        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-        "training": {"batch_size": 32, "local_steps": None, "local_epochs": 1},
-        "node": {"name": "split", "test_after": 100},
-        "communication": {"node_limits": {u: [UP, DOWN] for u in range(DEVICES)}, "timeout": 300},
-        "split": {"server": SERVER, "split": 1, "micro_batches": 1, "schedule": "1f1b", "aggregation_frequency": -1},
-    }
+    """eval/configs/pipeline/vgg4.yaml with the given VGG width and samples per device."""
+    data = yaml.safe_load((ROOT / "eval" / "configs" / "pipeline" / "vgg4.yaml").read_text())
+    data["run"].update(rounds=ROUNDS, progress=False)
+    data["dataset"]["num_train"] = samples * DEVICES
+    data["model"]["width"] = width
+    data["split"].update(split=1, micro_batches=1, schedule="1f1b")
+    return data
 
 
 class Bench:
