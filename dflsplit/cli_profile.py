@@ -49,7 +49,8 @@ def run_profile(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return _err(str(e))
     if cfg.node.name != "split":
-        return _err(f"{args.config}: node.name is {cfg.node.name!r}; profiling is for split learning (node.name: split)")
+        return _err(f"{args.config}: node.name is {cfg.node.name!r}; profiling is for split learning "
+                    f"(node.name: split)")
     slowdown = {}
     for item in args.slowdown:
         try:
@@ -74,7 +75,8 @@ def run_profile(args: argparse.Namespace) -> int:
     print("\ncuts (bytes per sample of partition p's output: its activation forward, its gradient back) and "
           "weights (bytes of replica sync):")
     for p in range(1, P + 1):
-        print(f"  partition {p}: output {profile.out_bytes[p - 1]:>9} B/sample, weights {profile.param_bytes[p - 1]:>10} B")
+        print(f"  partition {p}: output {profile.out_bytes[p - 1]:>9} B/sample, "
+              f"weights {profile.param_bytes[p - 1]:>10} B")
     print("\nlinks (bytes/s; configured cap, 0 = none; measured on loopback through the rate limiters):")
     seen = {}
     for uid, link in sorted(profile.links.items()):

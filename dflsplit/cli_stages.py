@@ -214,8 +214,8 @@ def _dry_run(mapping: StageMapping, cfg, args: argparse.Namespace, order: str) -
     print(f"dry run: schedule {name!r}, {micro} micro-batch{'es' if micro != 1 else ''}, {order} order, sync "
           f"{sync}: 2 steps complete on every client (actions per client {per_client})")
     if args.schedule:
-        print(f"action table of step 1 (the step that syncs replicas; F forward, B backward, ->c / <-c send to / "
-              f"receive from client c an activation (a) or gradient (g) of task o_s, #m micro-batch):")
+        print("action table of step 1 (the step that syncs replicas; F forward, B backward, ->c / <-c send to / "
+              "receive from client c an activation (a) or gradient (g) of task o_s, #m micro-batch):")
         print(schedule.table(1))
     return 0
 

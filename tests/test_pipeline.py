@@ -42,7 +42,8 @@ def pipar_config(tmp_path, **split):
 
 
 @pytest.mark.parametrize("split,message", [
-    ({"split": 0}, "key 'split': 0 is not a device/server split of model 'cnn' \\(4 partitions\\): expected -1 or 1..2"),
+    ({"split": 0}, "key 'split': 0 is not a device/server split of model 'cnn' \\(4 partitions\\): "
+                   "expected -1 or 1..2"),
     ({"split": 3}, "expected -1 or 1..2 or auto"),
     ({"server": 5}, "key 'server': uid 5 is not a node of the run"),
     ({"stages": [["1_1"]]}, "'server' generates the stage configuration; unset 'stages'"),
@@ -149,7 +150,8 @@ def test_stages_command_dry_runs_and_prints_the_action_table(tmp_path, capsys):
     path = pipar_config(tmp_path, micro_batches=2)
     assert stages_main([str(path), "--schedule", "1f1b"]) == 0
     out = capsys.readouterr().out
-    assert "dry run: schedule '1f1b', 2 micro-batches, relaxed order, sync star: 2 steps complete on every client" in out
+    assert ("dry run: schedule '1f1b', 2 micro-batches, relaxed order, sync star: 2 steps complete on every "
+            "client") in out
     table = out.split("action table of step 1")[1]
     head = next(line for line in table.splitlines() if line.strip().startswith("client 1"))
     assert head.split() == ["client", "1", "client", "2", "client", "3", "client", "4", "client", "5"]

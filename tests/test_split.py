@@ -221,7 +221,8 @@ def test_dataflow_runs_rows_a_strict_runner_would_deadlock_on():
     assert first_row_task == Action("fwd", 0, 1, 1)  # not 2_2, whose input is not there yet
     # the same rows in strict order: the dry run finds the cycle rule 6 reports
     strict = {c: SplitPlan(m, c, 2, strict=True) for c in (1, 2)}
-    with pytest.raises(ScheduleDeadlock, match=r"(?s)client 1: receiving the activation into 2_2 \(step 0, micro-batch 0\) "
+    with pytest.raises(ScheduleDeadlock, match=r"(?s)client 1: receiving the activation into 2_2 "
+                       r"\(step 0, micro-batch 0\) "
                        r"from client 2 waits for .*client 2: receiving the activation into 1_2"):
         dry_run(strict, 1)
 

@@ -743,7 +743,8 @@ def stages_from_config(cfg: Any, partitions: Optional[int] = None) -> tuple[Rows
                            f"(the device/server layout)")
 
 
-def mapping_from_config(cfg: Any, partitions: Optional[int] = None, strict_order: Optional[bool] = None) -> StageMapping:
+def mapping_from_config(cfg: Any, partitions: Optional[int] = None,
+                        strict_order: Optional[bool] = None) -> StageMapping:
     """The StageMapping of a Config; checks one row per node (run.machines x procs_per_machine).
 
     ``partitions`` defaults to ``model.partitions`` (None: inferred from the configuration).

@@ -136,8 +136,8 @@ def trainers_of(cfg) -> list[int]:
 def batch_sampler(cfg, uid: int, num_samples: int) -> BatchSampler:
     """The batches owner `uid` draws: what the Training layer's `make_sampler(drop_last=False)`
     of node `uid` draws (seeded as `local_sgd` seeds node `uid`), every sample once per pass."""
-    return BatchSampler(num_samples, cfg.training.batch_size, torch.Generator().manual_seed(cfg.run.seed * 100003 + uid),
-                        drop_last=False)
+    generator = torch.Generator().manual_seed(cfg.run.seed * 100003 + uid)
+    return BatchSampler(num_samples, cfg.training.batch_size, generator, drop_last=False)
 
 
 def sync_settings(cfg) -> tuple[str, int, str]:
@@ -383,7 +383,8 @@ class SplitNode(Node):
     def check_config(cls, cfg) -> str | None:
         sp, n = cfg.split, cfg.num_nodes
         if sp.schedule not in SCHEDULES:
-            return f"section 'split': key 'schedule': unknown schedule {sp.schedule!r}; known: {', '.join(SCHEDULES.names())}"
+            return (f"section 'split': key 'schedule': unknown schedule {sp.schedule!r}; "
+                    f"known: {', '.join(SCHEDULES.names())}")
         if cfg.training.name != "local_sgd":
             return (f"section 'training': key 'name': split nodes run their own steps (local_sgd's sampler and "
                     f"optimizer); training {cfg.training.name!r} is for gossip and federated nodes")
@@ -720,8 +721,10 @@ class SplitNode(Node):
                 raise ValueError(f"expected from client {src} to client {m.runner(o, p)}")
             x = msg.tensors.get("x")
             shape = self.shapes[p - 1] if kind == "act" else self.shapes[p]
-            if set(msg.tensors) != {"x"} or x.dtype != self.dtype or tuple(x.shape[1:]) != shape or x.ndim != len(shape) + 1:
-                raise ValueError(f"expected one tensor 'x' of shape (batch, {', '.join(map(str, shape))}) and dtype {self.dtype}")
+            if (set(msg.tensors) != {"x"} or x.dtype != self.dtype or tuple(x.shape[1:]) != shape
+                    or x.ndim != len(shape) + 1):
+                raise ValueError(f"expected one tensor 'x' of shape (batch, {', '.join(map(str, shape))}) "
+                                 f"and dtype {self.dtype}")
             return (f"net_{kind}", *ints), x
         if kind == "sync" and len(ints) == 3:
             t, p, r = ints
@@ -765,7 +768,8 @@ class SplitNode(Node):
             if runner == me:
                 state = self.replicas[(me, p)].module.state_dict()
             else:
-                msg = self.transport.receive(f"{EVAL_PREFIX}{r}/{me}/{p}", client_to_uid(runner), expect=describe(part.state_dict()))
+                msg = self.transport.receive(f"{EVAL_PREFIX}{r}/{me}/{p}", client_to_uid(runner),
+                                             expect=describe(part.state_dict()))
                 state = msg.tensors
             part.load_state_dict(state)
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
 import multiprocessing as mp
 import statistics
 import sys
@@ -221,7 +220,8 @@ def measure_link(up_cap: int, down_cap: int, seconds: float = 0.25) -> tuple[flo
             rates.append((n2 - n1) / max(t2 - t1, 1e-9))
         return rates[0], rates[1]
     finally:
-        closers = [threading.Thread(target=tr.close, args=(5.0,)) for tr in (me, other)]  # each waits for the other's BYE
+        # each waits for the other's BYE: close both at once
+        closers = [threading.Thread(target=tr.close, args=(5.0,)) for tr in (me, other)]
         for c in closers:
             c.start()
         for c in closers:
