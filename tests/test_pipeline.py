@@ -179,3 +179,31 @@ def test_profile_command_measures_and_chooses(tmp_path, capsys):
     assert {(r[0], r[1]) for r in table} == {(s, m) for s in ("-1", "1") for m in ("1", "2", "4", "8")}
     assert sum("<- chosen" in line for line in out.splitlines()) == 1 and "choice: split: " in out
     assert "the stage validator accepts it (rules 1-6, strict order)" in out
+
+
+def test_sends_never_block_the_compute_thread():
+    """The sender publishes in its own thread: `publish` returns while the transport is still
+    busy with an earlier payload (here: held until released), and order is kept."""
+    import threading
+
+    from dflsplit.node.split import Sender
+
+    class SlowTransport:
+        def __init__(self):
+            self.release, self.entered, self.published = threading.Event(), threading.Event(), []
+
+        def publish(self, key, tensors, to, header):
+            self.entered.set()
+            assert self.release.wait(30)
+            self.published.append((key, to, sorted(header)))
+
+    transport = SlowTransport()
+    sender = Sender(transport, uid=0)
+    sender.publish("a", {"x": torch.zeros(1)}, [1])
+    assert transport.entered.wait(30)  # the sender thread is inside the transport's publish ...
+    sender.publish("b", {"x": torch.zeros(1)}, [2], {"samples": 3})  # ... and this returns at once
+    assert transport.published == [] and sender._jobs.unfinished_tasks == 2
+    transport.release.set()
+    sender.flush(30)
+    assert transport.published == [("a", [1], ["sent"]), ("b", [2], ["samples", "sent"])]
+    sender.close()

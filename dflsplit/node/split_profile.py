@@ -103,6 +103,12 @@ def machine_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def node_threads(cfg) -> int:
+    """Torch threads a node of the run gets (``run.threads_per_proc``, else the cores shared
+    by the machine's node processes), as the launcher gives them."""
+    return cfg.run.threads_per_proc or max(1, machine_cores() // cfg.run.procs_per_machine)
+
+
 def micro_sizes(batch: int, micro: int) -> list[int]:
     """The micro-batch sizes of a batch cut into `micro` (torch.tensor_split's)."""
     q, r = divmod(batch, micro)
@@ -255,7 +261,6 @@ def profile_run(cfg, dataset=None, slowdown: Optional[dict[int, float]] = None) 
     """Measure compute (in a forked process, the nodes' thread count), cut sizes and every
     distinct link of the run."""
     from ..datasets import build_dataset
-    from ..launch import threads_per_process
     from .split import model_partitions
 
     dataset = dataset if dataset is not None else build_dataset(cfg)
@@ -266,7 +271,7 @@ def profile_run(cfg, dataset=None, slowdown: Optional[dict[int, float]] = None) 
     while len(y) < b:  # a tiny training set: repeat it
         x, y = torch.cat([x, x]), torch.cat([y, y])
     x, y = x[:b], y[:b]
-    threads = threads_per_process(cfg)
+    threads = node_threads(cfg)
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_compute_child, args=(child, cfg, x, y, dataset.num_classes, sizes,
