@@ -57,6 +57,12 @@ def test_device_server_config_errors_name_the_key(tmp_path, split, message):
         load_config(pipar_config(tmp_path, **split))
 
 
+def test_auto_is_for_one_machine(tmp_path):
+    with pytest.raises(ConfigError, match="auto is chosen by profiling one machine"):
+        load_config(pipar_config(tmp_path, micro_batches="auto"), ["run.machines=2", "run.procs_per_machine=3",
+                                                                    "run.hosts={0: 127.0.0.1, 1: 127.0.0.2}"])
+
+
 def test_split_nodes_take_their_steps_from_local_sgd(tmp_path):
     with pytest.raises(ConfigError, match="training 'fedprox' is for gossip and federated nodes"):
         load_config(pipar_config(tmp_path), ["training.name=fedprox"])

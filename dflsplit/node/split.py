@@ -385,6 +385,9 @@ class SplitNode(Node):
         if sp.schedule not in SCHEDULES:
             return (f"section 'split': key 'schedule': unknown schedule {sp.schedule!r}; "
                     f"known: {', '.join(SCHEDULES.names())}")
+        if (sp.split == "auto" or sp.micro_batches == "auto") and cfg.run.machines > 1:
+            return ("section 'split': keys 'split'/'micro_batches': auto is chosen by profiling one machine; with "
+                    "several machines set them (dflsplit profile CONFIG prints the choice)")
         if cfg.training.name != "local_sgd":
             return (f"section 'training': key 'name': split nodes run their own steps (local_sgd's sampler and "
                     f"optimizer); training {cfg.training.name!r} is for gossip and federated nodes")
