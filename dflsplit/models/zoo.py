@@ -97,16 +97,16 @@ class VGGKeys:
 
 @register_model("vgg", num_partitions=4, keys=VGGKeys)
 def vgg(cfg, input_shape, num_classes):
-    """Small VGG-style CNN (3x3 convolutions, ReLU, 2x2 max-pooling), 4 partitions: a light
-    first block (width w), a heavy second one (two convolutions of 4w), a third (8w), and the
-    classifier (flatten+linear). For 32×32 inputs such as CIFAR-10 (any size divisible by 8)."""
+    """Small VGG-style CNN (3x3 convolutions, ReLU, 2x2 max-pooling), 4 partitions: a first
+    block of two convolutions of width w at full resolution, a second of two of 4w, a third
+    of one of 8w ending in global average pooling, and the classifier (linear). For images
+    whose sides are multiples of 8 (CIFAR-10's 32×32, digits' 8×8)."""
     c, w = input_shape[0], cfg.width
 
     def conv(cin, cout):
         return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
 
-    block1 = nn.Sequential(*conv(c, w), nn.MaxPool2d(2))
+    block1 = nn.Sequential(*conv(c, w), *conv(w, w), nn.MaxPool2d(2))
     block2 = nn.Sequential(*conv(w, 4 * w), *conv(4 * w, 4 * w), nn.MaxPool2d(2))
-    block3 = nn.Sequential(*conv(4 * w, 8 * w), nn.MaxPool2d(2))
-    features = flat_size(nn.Sequential(block1, block2, block3), input_shape)
-    return PartitionedModel(block1, block2, block3, nn.Sequential(nn.Flatten(), nn.Linear(features, num_classes)))
+    block3 = nn.Sequential(*conv(4 * w, 8 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return PartitionedModel(block1, block2, block3, nn.Linear(8 * w, num_classes))

@@ -3,7 +3,7 @@
 
 Workload: eval/configs/pipeline/vgg4.yaml: 4 devices (nodes 0-3) and a server (node 4);
 the small VGG (``model: vgg``, width 32) on CIFAR-shaped synthetic data (3×32×32, 10
-classes, 160 training samples per device, batch 32: an epoch is 5 steps); each device
+classes, 256 training samples per device, batch 32: an epoch is 8 steps); each device
 keeps the first ``split`` partitions and the last, the server the ones in between;
 replicas averaged through the server each epoch (``aggregation_frequency: -1``); each
 device's link capped at 10 Mbit/s up and 25 Mbit/s down (``communication.node_limits``),
@@ -16,9 +16,9 @@ Rows:
   / time difference, each transfer starting with an idle link), and in the M=4 run
   (payload bytes each device uploaded / the time its sender spent publishing them).
   Target: within ±10 % of the configured rate.
-* ``pipeline``: split 1, M = 1 against M = 4 (schedule 1f1b, and gpipe beside it): the
-  epoch's time and the devices' idle time. Targets: M=4 at least 1.5× faster, device idle
-  at least 30 % lower.
+* ``pipeline``: splits 1 and 2, M = 1 against M = 4 (schedule 1f1b, and gpipe beside it):
+  the epoch's time and the devices' idle time. Targets: M=4 at least 1.5× faster, device
+  idle at least 30 % lower.
 * ``sweep``: every split (-1, 1, 2) × M (1, 2, 4, 8, 16) with 1f1b, and a run with
   ``split: auto`` and ``micro_batches: auto`` (the profiler and the simulation choose at
   launch; the choice is read from the run's config.yaml). Target: the automatic run's
@@ -33,7 +33,7 @@ Nothing samples the nodes while they run. The machine's other load is printed; o
 shared machine absolute times are noisy, the ratios come from runs minutes apart.
 Usage::
 
-    python eval/bench/pipeline.py [--rows links,pipeline,sweep] [--width 32] [--samples 160] [--out FILE]
+    python eval/bench/pipeline.py [--rows links,pipeline,sweep] [--width 32] [--samples 256] [--out FILE]
 
 The table goes to eval/bench/results/pipeline.txt.
 """
@@ -127,18 +127,23 @@ def fmt(r: dict) -> str:
 
 def pipeline(bench: Bench, sweep: dict) -> dict:
     lines = bench.lines
-    one = sweep.get((1, 1)) or bench.run(["split.split=1", "split.micro_batches=1"])
-    four = sweep.get((1, 4)) or bench.run(["split.split=1", "split.micro_batches=4"])
-    gpipe = bench.run(["split.split=1", "split.micro_batches=4", "split.schedule=gpipe"])
-    lines.append("pipeline: split 1 (each device: partitions 1 and 4; the server: 2 and 3), schedule 1f1b")
-    lines.append(f"  M=1          {fmt(one)}")
-    lines.append(f"  M=4          {fmt(four)}")
-    lines.append(f"  M=4 (gpipe)  {fmt(gpipe)}")
-    speed = one["epoch"] / four["epoch"]
-    idle = 1 - four["idle"] / one["idle"]
-    lines.append(f"  M=4 is {speed:.2f}x faster than M=1 (target >= 1.5x: {'met' if speed >= 1.5 else 'NOT met'}); "
-                 f"device idle {idle:.0%} lower (target >= 30 %: {'met' if idle >= 0.30 else 'NOT met'})")
-    return four
+    lines.append("pipeline: M=1 against M=4, schedule 1f1b (the sweep's runs; gpipe at M=4 measured beside them)")
+    for split, where in ((1, "each device: partitions 1 and 4; the server: 2 and 3"),
+                         (2, "each device: partitions 1, 2 and 4; the server: 3")):
+        one = sweep.get((split, 1)) or bench.run([f"split.split={split}", "split.micro_batches=1"])
+        four = sweep.get((split, 4)) or bench.run([f"split.split={split}", "split.micro_batches=4"])
+        gpipe = bench.run([f"split.split={split}", "split.micro_batches=4", "split.schedule=gpipe"])
+        lines.append(f"  split {split} ({where})")
+        lines.append(f"    M=1          {fmt(one)}")
+        lines.append(f"    M=4          {fmt(four)}")
+        lines.append(f"    M=4 (gpipe)  {fmt(gpipe)}")
+        speed = one["epoch"] / four["epoch"]
+        idle = 1 - four["idle"] / one["idle"]
+        lines.append(f"    M=4 is {speed:.2f}x faster than M=1 (target >= 1.5x: {'met' if speed >= 1.5 else 'NOT met'}); "
+                     f"device idle {idle:.0%} lower (target >= 30 %: {'met' if idle >= 0.30 else 'NOT met'})")
+        if split == 1:
+            out = four
+    return out
 
 
 def sweep_rows(bench: Bench) -> dict:
@@ -170,7 +175,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="links,pipeline,sweep")
     parser.add_argument("--width", type=int, default=32, help="channels of the VGG's first block")
-    parser.add_argument("--samples", type=int, default=160, help="training samples per device (batch 32)")
+    parser.add_argument("--samples", type=int, default=256, help="training samples per device (batch 32)")
     parser.add_argument("--out", default=str(ROOT / "eval" / "bench" / "results" / "pipeline.txt"))
     args = parser.parse_args()
     rows = args.rows.split(",")
