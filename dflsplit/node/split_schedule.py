@@ -148,14 +148,14 @@ def describe_token(token: Token) -> str:
 
 def describe_blocked(blocked: dict[Action, set[Token]], num_partitions: int, limit: int, source=None) -> list[str]:
     """Lines naming waiting actions (given in priority order) and what they miss, the
-    likely root causes first: actions that wait only for other clients, those waiting
-    for an activation or gradient before those waiting for a sync share.
-    ``source(token)`` names the other client a token comes from (None: from here)."""
+    likely root causes first: the earliest step's, then actions that wait only for other
+    clients, those waiting for an activation or gradient before those waiting for a sync
+    share. ``source(token)`` names the other client a token comes from (None: from here)."""
     rank = {"net_act": 0, "net_grad": 0, "act": 0, "grad": 0, "sync": 1, "avg": 1}
 
-    def key(a: Action) -> tuple[bool, int]:
+    def key(a: Action) -> tuple[int, bool, int]:
         only_remote = all(source(t) for t in blocked[a]) if source else True
-        return (not only_remote, min(rank.get(t[0], 2) for t in blocked[a]))
+        return (a.step, not only_remote, min(rank.get(t[0], 2) for t in blocked[a]))
 
     order = sorted(blocked, key=key)
     lines = []
