@@ -68,7 +68,9 @@ class RunConfig:
     rounds: int = key(20, "communication rounds", gt=0)
     out_dir: str = key("runs", "folder under which each run's results folder is made")
     machines: int = key(1, "machines in the run", gt=0)
-    procs_per_machine: int = key(16, "node processes per machine", gt=0)
+    procs_per_machine: int = key(16, "nodes per machine", gt=0)
+    nodes_per_process: int = key(1, "nodes one OS process hosts (threads sharing a libtorrent session, a ZeroMQ "
+                                    "context and the imported libraries); results do not depend on it", ge=1)
     machine_id: int = key(0, "this machine's id, 0..machines-1", ge=0)
     ip_file: Optional[str] = key(None, "JSON file of machine id -> host (decentralizepy's ip.json); needed when "
                                        "machines > 1 unless hosts is set")
@@ -530,7 +532,7 @@ def _build_section(cls: type, data: Any, where: str) -> Any:
 
 def section_from_dict(section: str, **keys: Any) -> Any:
     """One validated section built in code, e.g. ``section_from_dict("communication",
-    name="torrent", small_payload_bytes=0)``."""
+    name="torrent", path="torrent")``."""
     return _build_section(SECTIONS[section], keys, f"<code>: section {section!r}")
 
 

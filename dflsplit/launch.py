@@ -17,16 +17,20 @@ overwriting.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import re
 import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -104,6 +108,54 @@ def threads_per_process(cfg: Config) -> int:
     return max(1, cores // cfg.run.procs_per_machine)
 
 
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one: a process hosting many nodes
+    holds a few descriptors per node and connection."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: keep the limit
+        pass
+
+
+class FairSemaphore:
+    """A semaphore that admits its waiters in the order they came (threading.Semaphore wakes
+    any of them: some nodes starved while their neighbours waited for them)."""
+
+    def __init__(self, value: int):
+        self._free = value
+        self._lock = threading.Lock()
+        self._waiters: collections.deque[threading.Event] = collections.deque()
+
+    def __enter__(self) -> "FairSemaphore":
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return self
+            turn = threading.Event()
+            self._waiters.append(turn)
+        turn.wait()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()  # the slot passes straight to the next in line
+            else:
+                self._free += 1
+
+
+def computing_nodes(cfg: Config) -> int:
+    """How many of a process's nodes compute at once: its share of the machine's cores
+    (at least one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = math.ceil(cfg.run.procs_per_machine / cfg.run.nodes_per_process)
+    return max(1, cores // processes)
+
+
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed blocks up to 512 MiB instead of unmapping them.
 
@@ -122,9 +174,12 @@ def keep_freed_memory() -> None:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc
         return
-    m_trim_threshold, m_mmap_threshold = -1, -3
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     mallopt(m_trim_threshold, 512 << 20)
     mallopt(m_mmap_threshold, 512 << 20)
+    # a process hosting many nodes runs many threads; by default glibc gives them up to 8
+    # arenas per core, each keeping what it freed (64 nodes: 0.5 GB more)
+    mallopt(m_arena_max, 2)
 
 
 def warm_up(cfg: Config) -> None:
@@ -152,11 +207,14 @@ def config_hash(cfg: Config, graph, mapping) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def node_main(cfg: Config, uid: int, run_dir: Path, mapping, prepared: dict[str, Any],
-              report: Callable[[dict], None], identity: dict[str, Any] | None = None,
-              start: StartSignal | None = None, dataset=None, resume: str | None = None) -> None:
-    """Build one node's parts and run it; called in the node's own process. `run_dir` is the
-    folder of this machine's results; `prepared` what `Node.prepare` built in the launcher."""
+def build_node(cfg: Config, uid: int, run_dir: Path, mapping, prepared: dict[str, Any],
+               report: Callable[[dict], None], identity: dict[str, Any] | None = None,
+               start: StartSignal | None = None, dataset=None, resume: str | None = None, shared=None,
+               compute=None):
+    """Build one node's parts (data, model, training, sharing, started transport, results
+    writer) and the node; in the process that hosts it. `run_dir` is the folder of this
+    machine's results; `prepared` what `Node.prepare` built in the launcher; `shared` the
+    communication parts the process's nodes share."""
     import torch
 
     from .communication import build_transport
@@ -169,7 +227,6 @@ def node_main(cfg: Config, uid: int, run_dir: Path, mapping, prepared: dict[str,
 
     log = logging.getLogger(f"dflsplit.node.{uid}")
     t0 = time.perf_counter()
-    torch.set_num_threads(threads_per_process(cfg))
     device = pick_device(cfg.run.device)
     node_cls = NODES.get(cfg.node.name)
     data = load_node_data(cfg, uid, node_cls.data_shard(cfg, uid), dataset=dataset)
@@ -186,55 +243,179 @@ def node_main(cfg: Config, uid: int, run_dir: Path, mapping, prepared: dict[str,
     if len(data.train_y):
         training = TRAININGS.get(cfg.training.name)(cfg, model, data.train_x, data.train_y, seed=cfg.run.seed * 100003 + uid)
     sharing = SHARINGS.get(cfg.sharing.name)(cfg, uid)
-    transport = build_transport(uid, mapping, cfg.communication, identity)
+    transport = build_transport(uid, mapping, cfg.communication, identity, shared)
     results = ResultsWriter(run_dir, uid)
-    transport.start()
+    try:
+        transport.start()
+    except BaseException:
+        results.close()
+        raise
     log.info("model, training and %s transport ready after %.2f s", cfg.communication.name, time.perf_counter() - t0)
     context = dict(
         cfg=cfg, uid=uid, mapping=mapping, transport=transport, model=model, data=data,
         training=training, sharing=sharing, device=device, results=results, report=report,
-        run_dir=run_dir, start=start, resume=resume, **prepared,
+        run_dir=run_dir, start=start, resume=resume, compute=compute, **prepared,
     )
+    try:
+        return node_cls(context)
+    except BaseException:
+        transport.close(0.0)
+        results.close()
+        raise
+
+
+def run_node(node) -> None:
+    """Run a built node to its end, then close its transport and results (a failing node
+    does not wait for its peers' BYE)."""
     finished = False
     try:
-        node_cls(context).run()
+        node.run()
         finished = True
     finally:
-        transport.close(None if finished else 1.0)  # a failing node does not wait for its peers' BYE
-        results.close()
+        node.transport.close(None if finished else 1.0)
+        node.results.close()
+
+
+def node_main(cfg: Config, uid: int, run_dir: Path, mapping, prepared: dict[str, Any],
+              report: Callable[[dict], None], identity: dict[str, Any] | None = None,
+              start: StartSignal | None = None, dataset=None, resume: str | None = None) -> None:
+    """Build one node and run it; called in the node's own process."""
+    import torch
+
+    torch.set_num_threads(threads_per_process(cfg))
+    run_node(build_node(cfg, uid, run_dir, mapping, prepared, report, identity, start, dataset, resume))
 
 
 class NodeStopped(BaseException):
     """The launcher stopped this node (SIGTERM)."""
 
 
+def _stop_with_the_launcher() -> None:
+    """Linux: SIGTERM to this node process when the launcher dies (even by SIGKILL), so no
+    node outlives its launcher."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the launcher's own cleanup has to do
+        return
+    if os.getppid() == 1:  # the launcher died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _stop_node(signum, frame):
     raise NodeStopped(f"stopped by signal {signum}")
 
 
-def _child(cfg: Config, uid: int, run_dir: Path, mapping, prepared, events, identity, start, dataset,
+_THREAD_UID = re.compile(r"-(\d+)(?:_\d+)?$")
+
+
+class _NodeRecords(logging.Filter):
+    """Let through the records of node `uid`'s threads (named ``...-<uid>``), and, for the
+    process's first node, those of threads of no node of the process."""
+
+    def __init__(self, uid: int, local: set[int], first: bool):
+        super().__init__()
+        self.uid, self.local, self.first = uid, local, first
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = _THREAD_UID.search(record.threadName or "")
+        owner = int(m.group(1)) if m else None
+        return owner == self.uid or (self.first and owner not in self.local)
+
+
+def _child(cfg: Config, uids: list[int], run_dir: Path, mapping, prepared, events, identity, start, dataset,
            resume=None) -> None:
+    """The body of a node process: the nodes `uids` (one by default; several with
+    ``run.nodes_per_process``, each on its own thread, sharing the communication parts)."""
+    import torch
+
+    from .communication.shared import ProcessShared
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which stops the nodes
     signal.signal(signal.SIGTERM, _stop_node)
+    _stop_with_the_launcher()
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.FileHandler(run_dir / f"node_{uid}.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
+    handlers = []
+    for uid in uids:
+        handler = logging.FileHandler(run_dir / f"node_{uid}.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        if len(uids) > 1:
+            handler.addFilter(_NodeRecords(uid, set(uids), uid == uids[0]))
+        root.addHandler(handler)
+        handlers.append(handler)
     root.setLevel(cfg.run.log_level)
-    try:
-        node_main(cfg, uid, run_dir, mapping, prepared, events.put, identity, start, dataset, resume)
-    except NodeStopped:
-        logging.getLogger(f"dflsplit.node.{uid}").warning("node %d stopped by the launcher", uid)
-        handler.flush()
-        os._exit(3)
-    except BaseException as e:
+    torch.set_num_threads(threads_per_process(cfg))
+    shared = ProcessShared(uids)
+    compute = FairSemaphore(computing_nodes(cfg)) if len(uids) > 1 else None
+    nodes = {}
+
+    def failed(uid: int, e: BaseException) -> None:
         logging.getLogger(f"dflsplit.node.{uid}").exception("node %d failed", uid)
         events.put({"event": "error", "uid": uid, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
-        handler.flush()
-        sys.exit(1)
-    events.put({"event": "done", "uid": uid, "time": time.time()})
+
+    def run_one(uid: int) -> None:
+        try:
+            run_node(nodes[uid])
+        except BaseException as e:
+            failed(uid, e)
+            return
+        events.put({"event": "done", "uid": uid, "time": time.time()})
+
+    status = 0
+    try:
+        main = threading.current_thread()
+        for uid in uids:
+            main.name = f"node-{uid}"  # what it logs while building a node goes to that node's log
+            try:
+                nodes[uid] = build_node(cfg, uid, run_dir, mapping, prepared, events.put, identity, start, dataset,
+                                        resume, shared, compute)
+            except NodeStopped:
+                raise
+            except BaseException as e:
+                failed(uid, e)
+                status = 1
+        main.name = "MainThread"
+        if len(uids) == 1 and nodes:
+            (uid,) = nodes
+            try:
+                run_node(nodes[uid])
+            except NodeStopped:
+                raise
+            except BaseException as e:
+                failed(uid, e)
+                status = 1
+            else:
+                events.put({"event": "done", "uid": uid, "time": time.time()})
+        else:
+            threads = [threading.Thread(target=run_one, args=(u,), name=f"node-{u}", daemon=True) for u in nodes]
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)  # wakes for SIGTERM
+    except NodeStopped:
+        for uid in uids:
+            logging.getLogger(f"dflsplit.node.{uid}").warning("node %d stopped by the launcher", uid)
+        for node in nodes.values():
+            try:
+                node.transport.close(0.0)
+            except Exception:  # best effort: the process ends now
+                pass
+        for h in handlers:
+            h.flush()
+        os._exit(3)
+    finally:
+        shared.close()
+        for h in handlers:
+            h.flush()
+    if status:
+        sys.exit(status)
 
 
 def check_curve_keys(cfg: Config, mapping) -> None:
@@ -353,6 +534,7 @@ def run_experiment(
             raise RunFailed(f"nodes {bad} are not nodes of machine {cfg.run.machine_id} ({uids[0]}..{uids[-1]})")
         uids = sorted(set(nodes))
     keep_freed_memory()
+    raise_open_files_limit()
     dataset = prepare_dataset(cfg)
     prepared = node_cls.prepare(cfg, dataset)
     graph = prepared["graph"]
@@ -472,10 +654,14 @@ def _run_nodes(cfg, uids, mdir, mapping, prepared, identity, dataset, coord, pro
     start = None
     if coord is not None:
         start = StartSignal(ctx.Event(), max(time.monotonic() + 1.0, coord.deadline), ctx.Value("i", floor))
-    procs = {uid: ctx.Process(target=_child, args=(cfg, uid, mdir, mapping, prepared, events, identity, start, dataset,
-                                                   resume),
-                              name=f"node-{uid}", daemon=False) for uid in uids}
-    for p in procs.values():
+    procs: dict[int, Any] = {}  # node uid → the process hosting it (run.nodes_per_process nodes share one)
+    for group in mapping.process_groups(uids):
+        proc = ctx.Process(target=_child, args=(cfg, group, mdir, mapping, prepared, events, identity, start, dataset,
+                                                resume), name=f"node-{group[0]}", daemon=False)
+        for u in group:
+            procs[u] = proc
+    processes = list(dict.fromkeys(procs.values()))
+    for p in processes:
         p.start()
     pids = read_json(mdir / "pids.json")  # node uid → process id, for whoever watches or restarts nodes
     write_json(mdir / "pids.json", {**pids, **{str(u): p.pid for u, p in procs.items()}})
@@ -563,10 +749,10 @@ def _run_nodes(cfg, uids, mdir, mapping, prepared, identity, dataset, coord, pro
         if error is not None or interrupted:
             if coord is not None:
                 coord.abort(error or f"machine {cfg.run.machine_id} was interrupted")
-            for p in procs.values():
+            for p in processes:
                 if p.is_alive():
                     p.terminate()
-        for p in procs.values():
+        for p in processes:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()

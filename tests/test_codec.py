@@ -130,7 +130,7 @@ def test_nothing_is_unpickled_from_a_torrent_payload(tmp_path):
     with cluster(2) as ts:
         for kind, blob in pickles(sprung).items():
             key = f"trap/{kind}"
-            t, meta = ts[0]._seed(key, blob, [1])  # the payload file is the pickle
+            t, meta = ts[0].plane.seed(0, key, blob, [1], 0)  # the payload file is the pickle
             ts[0].control.send(1, TORRENT, announcement_body(ts[0].wire_head(key, {}), meta, [1], len(blob)))
             with pytest.raises(CommError, match=rf"payload '{key}' from node 0 is not valid safetensors"):
                 ts[1].receive(key, 0)

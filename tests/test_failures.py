@@ -258,3 +258,42 @@ def test_a_killed_node_resumes_and_matches_a_run_in_which_it_idles_the_rounds_it
         ra, rb = read_run(killed)[uid], read_run(idle)[uid]
         assert [(r["round"], r["train_loss"], r["test_acc"]) for r in ra] == \
                [(r["round"], r["train_loss"], r["test_acc"]) for r in rb], uid
+
+
+@pytest.mark.slow
+def test_no_node_outlives_a_launcher_killed_with_sigkill(tmp_path):
+    import psutil
+
+    cmd = [sys.executable, "-m", "dflsplit.cli", "run", str(CONFIG), "--out", str(tmp_path / "run"), "--no-progress",
+           "--set", "run.procs_per_machine=4", "--set", "graph.degree=2", "--set", "run.rounds=1000",
+           "--set", f"run.base_port={next_base_port(5)}"]
+    launcher = subprocess.Popen(cmd, env=env_here(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (tmp_path / "run/machine_0/node_3.jsonl").exists():
+            time.sleep(0.2)
+        nodes = psutil.Process(launcher.pid).children()
+        assert len(nodes) == 4
+        launcher.kill()  # SIGKILL: the launcher cannot clean up
+        launcher.wait()
+        gone, alive = psutil.wait_procs(nodes, timeout=60)
+        assert not alive, alive
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def test_a_receive_thread_that_dies_fails_the_transport_with_its_cause(monkeypatch):
+    from dflsplit.communication.control import ControlPlane
+
+    def broken(self, frames):
+        raise zmq.ZMQError(zmq.EFAULT, "receive failed")
+
+    _, ts = pair()
+    monkeypatch.setattr(ControlPlane, "_on_frames", broken)
+    try:
+        ts[0].publish("model/0", {"x": torch.ones(2)}, to=[1])
+        with pytest.raises(TransportFailed, match="control-plane receive thread failed: ZMQError"):
+            ts[1].receive("model/0", 0, timeout=60)
+    finally:
+        close(ts)

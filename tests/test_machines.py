@@ -86,8 +86,8 @@ def test_two_runs_started_together_on_one_host_get_separate_folders(tmp_path):
 
 def test_out_at_an_existing_run_is_refused_unless_overwrite(tmp_path):
     port = next_base_port(3)
-    cmd = dflsplit("run", CONFIG, "--set", "run.procs_per_machine=2", "--set", "graph.degree=1",
-                   "--set", f"run.base_port={port}", "--out", tmp_path / "run", *SMALL)
+    cmd = dflsplit("run", CONFIG, "--set", "run.procs_per_machine=2", "--set", f"run.base_port={port}",
+                   "--out", tmp_path / "run", *SMALL, "--set", "graph.degree=1")
     rc, _, err = finish(start(cmd, tmp_path))
     assert rc == 0, err
     first = (tmp_path / "run" / "machine_0" / "node_0.jsonl").read_text()

@@ -34,7 +34,7 @@ MB = 1 << 20
 
 
 def config(**kw) -> CommunicationConfig:
-    kw = {"path": "torrent", "timeout": 20, "hello_timeout": 10, **kw}  # all payloads as torrents
+    kw = {"path": "torrent", "lazy_start": False, "timeout": 20, "hello_timeout": 10, **kw}  # all payloads as torrents
     return section_from_dict("communication", **{"name": "torrent", **kw})
 
 
@@ -108,22 +108,28 @@ def test_200_mb_round_trip():
     assert piece_size(200 * MB) == 512 << 10 and piece_size(MB) == 16 << 10
 
 
-def test_small_payloads_and_single_receivers_travel_on_the_control_plane():
-    with cluster(3, path="auto", small_payload_bytes=64 * 1024) as ts:
-        small, big = torch.randn(1000), torch.randn(20000)  # 4 kB, 80 kB
-        ts[0].publish("small", {"w": small}, to=[1, 2])
-        ts[0].publish("big", {"w": big}, to=[1, 2])
-        ts[0].publish("one", {"w": big}, to=[1])  # one receiver: nobody to swarm with
-        for u in (1, 2):
-            assert torch.equal(ts[u].receive("small", 0).tensors["w"], small)
-            assert torch.equal(ts[u].receive("big", 0).tensors["w"], big)
-        assert torch.equal(ts[1].receive("one", 0).tensors["w"], big)
+def test_auto_path_follows_the_path_model():
+    """With path auto the transport takes the path `communication.paths` chooses: inline for a
+    small payload, for one receiver and for receivers that publish at the same time; a
+    torrent for a large payload to several idle receivers."""
+    from collections import Counter
+
+    from dflsplit.communication.paths import DEFAULT_MODEL
+
+    cap = 2_000_000
+    small, big = torch.randn(1000), torch.randn(256 << 10)  # 4 kB, 1 MiB
+    cases = [("small", small, [1, 2, 3, 4], False), ("big", big, [1, 2, 3, 4], False),
+             ("one", big, [1], False), ("gossip", big, [1, 2, 3, 4], True)]
+    expected = [DEFAULT_MODEL.choose(x.numel() * 4, len(to), cap, concurrent=c) for _, x, to, c in cases]
+    assert expected == ["inline", "torrent", "inline", "inline"]  # the model, for these cases
+    with cluster(5, path="auto", upload_limit=cap) as ts:
+        for key, x, to, concurrent in cases:
+            ts[0].publish(key, {"w": x}, to=to, concurrent=concurrent)
+            for u in to:
+                assert torch.equal(ts[u].receive(key, 0, timeout=60).tensors["w"], x)
+        assert ts[0].paths == Counter(expected)
         outgoing = [p.name for p in files_under(ts[0].spool / "out")]
-        assert len(outgoing) == 1, outgoing  # only the big one for two receivers became a torrent
-        assert ts[1].bytes_received >= 164_000 and ts[0].bytes_sent >= 2 * 84_000 + 80_000
-
-
-# --- swarming -------------------------------------------------------------------------
+        assert len(outgoing) == 1, outgoing  # only the big one for idle receivers became a torrent
 
 
 def test_one_to_eight_receivers_swarm():
@@ -499,8 +505,8 @@ def test_the_alert_thread_dying_fails_the_node_with_its_cause():
         def broken():
             raise OSError("wake pipe gone")
 
-        ts[1]._drain_wake = broken
-        ts[1]._wake()
+        ts[1].plane._drain_wake = broken
+        ts[1].plane._wake()
         with pytest.raises(TransportFailed, match=r"node 1: torrent alert thread failed: OSError: wake pipe gone"):
             ts[1].receive("model/0", 0, timeout=60)
         with pytest.raises(TransportFailed):  # what needs the thread fails at once too

@@ -134,7 +134,14 @@ class FakeMapping:
 class FakeHost:
     """What `Receiver` uses of its transport, recording every call."""
 
-    uid, current_round, mapping = 1, 0, FakeMapping()
+    uid, current_round, mapping, name, local = 1, 0, FakeMapping(), "node 1", {1}
+
+    @staticmethod
+    def leader_of(uid):
+        return uid
+
+    def lookup(self, ih):
+        return self.registered.get(ih)
 
     def __init__(self, tmp_path, limit=1 << 30):
         self.tmp, self.limit, self.calls, self.delivered = tmp_path, limit, [], []

@@ -270,6 +270,11 @@ class Transport(ABC):
         self.rejections = DropCounter(log, f"node {uid}")  # payloads refused, per reason
         self.failure: TransportFailed | None = None
         self._limits: dict[str, int] = {}
+        self.paths: Counter[str] = Counter()  # payloads published per path ("inline", "torrent")
+
+    def count_path(self, path: str) -> None:
+        """One payload published on `path` (inline or torrent)."""
+        self.paths[path] += 1
 
     # failures and limits ---------------------------------------------------------
     def fail(self, cause: BaseException, where: str) -> None:
@@ -322,10 +327,13 @@ class Transport(ABC):
         to: Sequence[int],
         header: Mapping[str, Any] | None = None,
         persistent: bool = False,
+        concurrent: bool = False,
     ) -> None:
         """Make `tensors` available under `key` to every node in `to`. The message carries
         this node's round and expires at a receiver that is past it, unless `persistent`
-        (e.g. a rejoin announcement, which must be heard even late)."""
+        (e.g. a rejoin announcement, which must be heard even late). `concurrent`: the
+        receivers publish payloads of their own at the same time (a gossip round), so
+        their uploads have nothing to spare for swarming."""
 
     @abstractmethod
     def receive(

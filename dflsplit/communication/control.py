@@ -110,6 +110,7 @@ class ControlPlane:
         on_failure: Callable[[BaseException, str], None] | None = None,
         round_of: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
         on_peer_down: Callable[[int], None] = lambda peer: None,
+        shared=None,
     ):
         self.uid = uid
         self.keys = keys
@@ -128,8 +129,12 @@ class ControlPlane:
         self.down = TokenBucket(download_limit)
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._ctx = zmq.Context()
-        self._auth = keys.start_authenticator(self._ctx) if keys else None
+        self._own_ctx = shared is None  # else the process's context, closed by whoever made it
+        self._ctx = zmq.Context() if shared is None else shared.context()
+        if keys:
+            self._auth = keys.start_authenticator(self._ctx) if shared is None else shared.authenticator(keys)
+        else:
+            self._auth = None
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.RCVHWM, self.max_queue)
@@ -176,9 +181,10 @@ class ControlPlane:
         self._router.disable_monitor()
         self._monitor.close(linger=0)
         self._router.close()
-        if self._auth:
-            self._auth.stop()
-        self._ctx.term()
+        if self._own_ctx:
+            if self._auth:
+                self._auth.stop()
+            self._ctx.term()
 
     def start(self) -> None:
         """Start receiving (call once whoever handles frames is ready for them)."""
@@ -530,6 +536,7 @@ class ZmqTransport(Transport):
     def __init__(self, uid: int, mapping, cfg):
         super().__init__(uid, mapping, cfg)
         self.identity: dict[str, Any] = {}  # run id and config hash, set before `start`
+        self.shared = None  # the process's shared parts (`communication.shared`), set before `start`
         self.control: ControlPlane | None = None
         self.mailbox = Mailbox(cfg.max_queue)
         self._round = 0  # the node's round (`advance`), stamped on what it publishes
@@ -557,7 +564,7 @@ class ZmqTransport(Transport):
             identity=self.identity, max_message_bytes=self.cfg.max_message_bytes, max_queue=self.cfg.max_queue,
             send_timeout=self.cfg.timeout, dropped=self.dropped, on_failure=self.fail,
             round_of=lambda: (self._round, self._pace),
-            on_peer_down=lambda peer: self.mailbox.wake(),
+            on_peer_down=lambda peer: self.mailbox.wake(), shared=self.shared,
         )
         self.control.start()
 
@@ -601,11 +608,13 @@ class ZmqTransport(Transport):
         to: Sequence[int],
         header: Mapping[str, Any] | None = None,
         persistent: bool = False,
+        concurrent: bool = False,
     ) -> None:
         body = encode(self.wire_head(key, header, **({"r": None} if persistent else {})), tensors)
         for peer in to:
             self.control.send(peer, DATA, body)
         self.count_payload(sent=tensor_bytes(tensors) * len(to))
+        self.count_path("inline")
         log.debug("node %d: published %r inline (%d bytes) to %s", self.uid, key, len(body), list(to))
 
     def wire_head(self, key: str, header: Mapping[str, Any] | None, **more: Any) -> dict[str, Any]:

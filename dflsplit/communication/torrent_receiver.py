@@ -148,10 +148,11 @@ def next_state(state: RxState, event: RxEvent) -> RxState:
 
 @dataclass
 class Incoming:
-    """A torrent announced to this node: its announcement, state and session handle."""
+    """A torrent announced to nodes of this process: its announcement, state, session handle,
+    and the nodes it is for (`consumers`, each with its round when it arrived: retention)."""
 
     ann: Announcement
-    round: int  # this node's round when it arrived (retention)
+    round: int  # the first consumer's round when it arrived
     state: RxState = RxState.ANNOUNCED
     folder: Path | None = None
     handle: lt.torrent_handle | None = None
@@ -159,6 +160,10 @@ class Incoming:
     restarts: int = 0
     verify_failures: int = 0
     bad_peers: set[int] = field(default_factory=set)
+    consumers: list = field(default_factory=list)  # the node transports it is delivered to
+    rounds: dict[int, int] = field(default_factory=dict)  # consumer uid → its round when it arrived
+    tensors: dict[str, Any] | None = None  # once delivered, for a consumer that joins later
+    error: str | None = None  # once failed
 
     key = property(lambda self: self.ann.key)
     sender = property(lambda self: self.ann.sender)
@@ -169,13 +174,15 @@ class Incoming:
     def path(self) -> Path | None:
         return None if self.folder is None else self.folder / self.ann.info.name()
 
-    def peers(self, uid: int) -> list[int]:
-        """Whom to fetch from: the publisher, then the co-receivers (less banned ones)."""
-        others = [p for p in self.ann.receivers if p not in (uid, self.ann.sender)]
-        return [p for p in [self.ann.sender, *others] if p not in self.bad_peers]
+    def peers(self, local: int | set[int], leader=lambda uid: uid) -> list[int]:
+        """Whom to fetch from: the publisher, then the co-receivers, less the nodes of this
+        process (`local`) and the banned (`bad_peers` holds processes: `leader(uid)`)."""
+        local = {local} if isinstance(local, int) else set(local)
+        others = [p for p in self.ann.receivers if p not in local and p != self.ann.sender]
+        return [p for p in [self.ann.sender, *others] if leader(p) not in self.bad_peers]
 
     def stripe(self, uid: int) -> tuple[int, int] | None:
-        """(k, m): this node is receiver k of m, and asks for every m-th piece first."""
+        """(k, m): node `uid` is receiver k of m, and asks for every m-th piece first."""
         r = self.ann.receivers
         return (r.index(uid), len(r)) if uid in r and len(r) > 1 else None
 
@@ -236,33 +243,61 @@ def verify_payload(path: Path, info: lt.torrent_info, key: str) -> Verdict:
 
 
 class Receiver:
-    """Drives every `Incoming` of one transport; call only on the transport's alert thread.
+    """Drives every `Incoming` of one data plane; call only on its alert thread.
 
-    Of its transport (`host`) it uses: `uid`, `mapping`, `current_round`, `known(info_hash)`,
-    `register(t)`, `new_incoming_folder()`, `add_to_session(t, params)`,
-    `remove_from_session(t)` (keeping the file), `forget(t)` (out of the registry, the
-    session and the disk), `endpoint(uid)`, `payload_limit(key)`, `deliver`, `reject`
-    (count a refused payload and deliver the refusal), `dropped`, `verify_in_background(t)`
-    and the counter `verify_failures`.
+    Of the data plane (`host`) it uses: `name` (for messages), `local` (the uids of its
+    nodes), `leader_of(uid)`, `lookup(info_hash)`, `register(t)`, `new_incoming_folder()`,
+    `add_to_session(t, params)`, `remove_from_session(t)` (keeping the file), `forget(t)`
+    (out of the registry, the session and the disk), `endpoint(uid)`,
+    `verify_in_background(t)`, `deliver_local(t, consumer)` (a torrent a node of this process
+    published) and the counter `verify_failures`. Of each consumer (a node's transport):
+    `uid`, `current_round`, `payload_limit(key)`, `deliver`, `reject` (count a refused
+    payload and deliver the refusal) and `dropped`.
     """
 
-    def __init__(self, host: "TorrentTransport"):
+    def __init__(self, host):
         self.host = host
 
     # events in -----------------------------------------------------------------
-    def accept(self, ann: Announcement) -> None:
-        """A parsed announcement: refuse it (too large) or add it."""
+    def accept(self, ann: Announcement, consumer=None) -> None:
+        """A parsed announcement for node `consumer` (default: the host itself): refuse it
+        (too large), add it, or attach the node to the same torrent already here."""
         host = self.host
-        if host.known(ann.info_hash):
-            host.dropped("torrent announced twice", f"{ann.key!r} from node {ann.sender}")
-            return
-        t = Incoming(ann, host.current_round)
-        limit = host.payload_limit(ann.key)
+        consumer = host if consumer is None else consumer
+        t = host.lookup(ann.info_hash)
+        limit = consumer.payload_limit(ann.key)
         if ann.size > limit:
-            self.fire(t, E.OVERSIZED, limit=limit)
+            if t is None:
+                self.fire(Incoming(ann, consumer.current_round, consumers=[consumer]), E.OVERSIZED, limit=limit)
+            else:
+                self._refuse(consumer, ann, limit)
             return
-        host.register(t)
-        self.fire(t, E.ACCEPT)
+        if t is None:
+            t = Incoming(ann, consumer.current_round, consumers=[consumer],
+                         rounds={consumer.uid: consumer.current_round})
+            host.register(t)
+            self.fire(t, E.ACCEPT)
+        elif not isinstance(t, Incoming):  # published by a node of this process: read its file
+            host.deliver_local(t, consumer, ann)
+        elif consumer in t.consumers:
+            consumer.dropped("torrent announced twice", f"{ann.key!r} from node {ann.sender}")
+        else:  # another node of this process receives the same torrent: one download for both
+            t.consumers.append(consumer)
+            t.rounds[consumer.uid] = consumer.current_round
+            if t.state is S.DELIVERED:
+                consumer.deliver(self._message(t))
+                self.release(t)
+            elif t.state is S.FAILED:
+                consumer.deliver(Message(t.sender, t.key, t.ann.header, error=t.error, round=t.ann.round))
+
+    @staticmethod
+    def _refuse(consumer, ann: Announcement, limit: int) -> None:
+        consumer.reject(Message(ann.sender, ann.key, ann.header, round=ann.round),
+                        "torrent larger than expected", f"{ann.size} bytes, at most {limit}")
+
+    @staticmethod
+    def _message(t: Incoming) -> Message:
+        return Message(t.sender, t.key, t.ann.header, t.tensors, t.info.total_size(), round=t.ann.round)
 
     def on_alert(self, t: Incoming, a) -> None:
         """An alert of `t`'s current handle: the event it means, if any."""
@@ -278,15 +313,16 @@ class Receiver:
         elif isinstance(a, lt.peer_disconnected_alert) and a.error.message() in BAN_REASONS:
             # libtorrent bans every peer that sent part of too many pieces failing their
             # hash; the publisher, the one sure source, can be among them
-            self.on_banned(t, peer_uid(a.pid.to_bytes(), self.host.mapping.num_nodes))
+            self.on_banned(t, peer_uid(a.pid.to_bytes(), self.host.mapping.num_nodes))  # a process leader
         elif isinstance(a, (lt.torrent_error_alert, lt.file_error_alert)):
-            log.warning("node %d: torrent %r from node %d: %s", self.host.uid, t.key, t.sender, a.message())
+            log.warning("%s: torrent %r from node %d: %s", self.host.name, t.key, t.sender, a.message())
             self.fire(t, E.ERROR, error=f"receiving {t.key!r} from node {t.sender} failed: {a.message()}")
 
     def on_banned(self, t: Incoming, who: int | None) -> None:
-        """libtorrent banned node `who` (None: not a node of the run) from `t`'s swarm: the
-        publisher's ban restarts the download (bounded); a co-receiver is left out."""
-        if who == t.sender:
+        """libtorrent banned the process of node `who` (its leader; None: not of the run) from
+        `t`'s swarm: the publisher's ban restarts the download (bounded); a co-receiver's
+        process is left out."""
+        if who is not None and who == self.host.leader_of(t.sender):
             if t.restarts < MAX_RESTARTS:
                 self.fire(t, E.PUBLISHER_BANNED)
         elif who is not None:
@@ -324,23 +360,22 @@ class Receiver:
         try:
             new = next_state(old, event)
         except IllegalTransition as e:
-            raise IllegalTransition(f"node {self.host.uid}: torrent {t.key!r} from node {t.sender}: {e}") from None
+            raise IllegalTransition(f"{self.host.name}: torrent {t.key!r} from node {t.sender}: {e}") from None
         if new is old:
             return
         t.state = new
-        log.debug("node %d: %r from node %d: %s --%s--> %s",
-                  self.host.uid, t.key, t.sender, old.value, event.value, new.value)
+        log.debug("%s: %r from node %d: %s --%s--> %s",
+                  self.host.name, t.key, t.sender, old.value, event.value, new.value)
         getattr(self, f"_enter_{new.name.lower()}")(t, old, **data)
 
     def _enter_refused(self, t: Incoming, old: RxState, limit: int) -> None:
-        self.host.reject(Message(t.sender, t.key, t.ann.header, round=t.ann.round),
-                         "torrent larger than expected", f"{t.ann.size} bytes, at most {limit}")
+        self._refuse(t.consumers[0], t.ann, limit)
 
     def _enter_checking(self, t: Incoming, old: RxState, bad: list[int] = ()) -> None:
         host = self.host
         if old is S.VERIFYING:  # bad pieces on disk: check them all again, fetch the bad ones
-            log.warning("node %d: %r from node %d: pieces %s fail their hash on disk; fetching them again",
-                        host.uid, t.key, t.sender, list(bad[:8]))
+            log.warning("%s: %r from node %d: pieces %s fail their hash on disk; fetching them again",
+                        host.name, t.key, t.sender, list(bad[:8]))
             t.handle.force_recheck()
             return
         if old is S.ANNOUNCED:
@@ -356,7 +391,7 @@ class Receiver:
         params.ti = t.info
         params.save_path = str(t.folder)
         params.flags = lt.torrent_flags.apply_ip_filter | (lt.torrent_flags.paused if not t.resumed else 0)
-        params.peers = [host.endpoint(p) for p in t.peers(host.uid)]
+        params.peers = [host.endpoint(p) for p in t.peers(host.local, host.leader_of)]
         try:
             host.add_to_session(t, params)
         except RuntimeError as e:
@@ -367,11 +402,11 @@ class Receiver:
         if not t.resumed:
             self._resume(t)
         else:  # checked again (bad file) or restarted: its peers were dropped
-            for p in t.peers(self.host.uid):
+            for p in t.peers(self.host.local, self.host.leader_of):
                 t.handle.connect_peer(self.host.endpoint(p))
 
     def _resume(self, t: Incoming) -> None:
-        stripe = t.stripe(self.host.uid)
+        stripe = t.stripe(t.consumers[0].uid)
         if stripe is not None:
             # receiver k of m asks for every m-th piece first, so that at the start the
             # receivers fetch different pieces from the publisher
@@ -389,18 +424,27 @@ class Receiver:
         self.host.verify_in_background(t)
 
     def _enter_restarting(self, t: Incoming, old: RxState) -> None:
-        log.warning("node %d: %r: node %d was banned for pieces other peers spoiled; restarting the download",
-                    self.host.uid, t.key, t.sender)
+        log.warning("%s: %r: node %d was banned for pieces other peers spoiled; restarting the download",
+                    self.host.name, t.key, t.sender)
         t.restarts += 1
         self.host.remove_from_session(t)  # keeps the file; on_removed adds it again
 
     def _enter_delivered(self, t: Incoming, old: RxState, tensors: dict) -> None:
-        self.host.deliver(Message(t.sender, t.key, t.ann.header, tensors, t.info.total_size(), round=t.ann.round))
+        t.tensors = tensors
+        for consumer in t.consumers:
+            consumer.deliver(self._message(t))
+        self.release(t)
+
+    def release(self, t: Incoming) -> None:
+        """Let go of `t`'s tensors once every node of this process it was announced to has them."""
+        if t.tensors is not None and set(t.ann.receivers) & set(self.host.local) <= set(t.rounds):
+            t.tensors = None
 
     def _enter_failed(self, t: Incoming, old: RxState, error: str) -> None:
-        error = f"node {self.host.uid}: {error}"
-        log.warning("%s", error)
-        self.host.deliver(Message(t.sender, t.key, t.ann.header, error=error, round=t.ann.round))
+        t.error = f"{self.host.name}: {error}"
+        log.warning("%s", t.error)
+        for consumer in t.consumers:
+            consumer.deliver(Message(t.sender, t.key, t.ann.header, error=t.error, round=t.ann.round))
 
     def _enter_retired(self, t: Incoming, old: RxState) -> None:
         self.host.forget(t)

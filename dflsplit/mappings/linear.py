@@ -23,9 +23,11 @@ class MappingError(ValueError):
 class LinearMapping:
     """Names of the nodes of a run: uid ↔ (machine, rank) ↔ host and ports."""
 
-    def __init__(self, machines: int, procs_per_machine: int, hosts: TMapping[int, str], base_port: int):
+    def __init__(self, machines: int, procs_per_machine: int, hosts: TMapping[int, str], base_port: int,
+                 nodes_per_process: int = 1):
         self.machines = machines
         self.procs_per_machine = procs_per_machine
+        self.nodes_per_process = max(1, nodes_per_process)
         self.hosts = dict(hosts)
         self.base_port = base_port
         missing = [m for m in range(machines) if m not in self.hosts]
@@ -60,7 +62,7 @@ class LinearMapping:
         else:
             hosts = read_ip_file(cfg.resolve(r.ip_file))
             source = str(r.ip_file)
-        mapping = cls(r.machines, r.procs_per_machine, hosts, r.base_port)
+        mapping = cls(r.machines, r.procs_per_machine, hosts, r.base_port, r.nodes_per_process)
         if r.machine_id not in mapping.hosts:
             raise MappingError(
                 f"{source}: this machine (machine_id {r.machine_id}) is not in it; it holds {mapping._listing()}"
@@ -82,6 +84,19 @@ class LinearMapping:
 
     def local_uids(self, machine: int) -> list[int]:
         return [self.uid(machine, r) for r in range(self.procs_per_machine)]
+
+    def leader(self, uid: int) -> int:
+        """The first node of the OS process that hosts node `uid` (``run.nodes_per_process``
+        consecutive nodes of a machine share a process)."""
+        machine, rank = self.machine_rank(uid)
+        return self.uid(machine, rank - rank % self.nodes_per_process)
+
+    def process_groups(self, uids) -> list[list[int]]:
+        """`uids` (of one machine) grouped by the process that hosts them."""
+        groups: dict[int, list[int]] = {}
+        for u in sorted(uids):
+            groups.setdefault(self.leader(u), []).append(u)
+        return list(groups.values())
 
     def host(self, uid: int) -> str:
         return self.hosts[self.machine_rank(uid)[0]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -91,6 +92,9 @@ class Node:
         self.log = logging.getLogger(f"dflsplit.node.{self.uid}")
         self.byzantine = self.uid in self.cfg.byzantine
         self.view = PeerView(self.cfg.run.silent_rounds)
+        # held while computing: a process hosting many nodes computes with as many at once
+        # as it has cores, so their working memory does not add up (waiting holds nothing)
+        self.compute = context.get("compute") or contextlib.nullcontext()
         self.catch_up = 0  # rounds the peers have to run before this node's next round (after sitting out)
         if self.byzantine:
             self._poison_data()
@@ -197,10 +201,11 @@ class Node:
         too (train_eval_loss, train_acc) when `node.eval_train` is set."""
         self.prepare_eval()
         batch = self.cfg.training.eval_batch_size
-        out = dict(zip(("test_loss", "test_acc"), evaluate(self.model, self.data.test_x, self.data.test_y, batch)))
-        if self.cfg.node.eval_train:
-            train = evaluate(self.model, self.data.train_x, self.data.train_y, batch)
-            out.update(zip(("train_eval_loss", "train_acc"), train))
+        with self.compute:
+            out = dict(zip(("test_loss", "test_acc"), evaluate(self.model, self.data.test_x, self.data.test_y, batch)))
+            if self.cfg.node.eval_train:
+                train = evaluate(self.model, self.data.train_x, self.data.train_y, batch)
+                out.update(zip(("train_eval_loss", "train_acc"), train))
         return out
 
     def traffic(self) -> dict[str, int]:
@@ -417,7 +422,9 @@ class Node:
                 eval_seconds = time.perf_counter() - t1
             test_acc = metrics["test_acc"]
             record.update(**metrics, eval_seconds=eval_seconds, **self.traffic(), wall_time=time.time(),
-                          rejected=self.transport.rejected, dropped=sum(self.transport.dropped.counts().values()))
+                          rejected=self.transport.rejected, dropped=sum(self.transport.dropped.counts().values()),
+                          payloads_inline=self.transport.paths["inline"],
+                          payloads_torrent=self.transport.paths["torrent"])
             if run.checkpoint_every and ((r + 1) % run.checkpoint_every == 0 or r == run.rounds - 1):
                 self.checkpoint(r, record)
             self.results.append(record)

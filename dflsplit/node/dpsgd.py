@@ -42,7 +42,8 @@ class GossipNode(Node):
         raise NotImplementedError
 
     def run_round(self, round_: int) -> dict:
-        loss = self.training.train()
+        with self.compute:
+            loss = self.training.train()
         send_to, receive_from, weights = self.pattern(round_)
         expected = len(receive_from)
         send_to, receive_from = self.view.active(send_to), self.view.active(receive_from)
@@ -84,9 +85,10 @@ class GossipNode(Node):
                     self.log.warning("round %d: %s", round_, e)
 
         if not self.attacks_messages:
-            payload = self.sharing.encode(self.model, round_)
+            with self.compute:
+                payload = self.sharing.encode(self.model, round_)
             if send_to:
-                self.transport.publish(key_, payload.tensors, to=send_to, header=payload.header)
+                self.transport.publish(key_, payload.tensors, to=send_to, header=payload.header, concurrent=True)
         else:
             if omniscient:
                 honest = [u for u in range(self.cfg.num_nodes) if u not in byz]
@@ -100,7 +102,7 @@ class GossipNode(Node):
             payload = self.sharing.encode(self.model, round_)
             self.model.load_state_dict(own, strict=False)
             if send_to:
-                self.transport.publish(key_, payload.tensors, to=send_to, header=payload.header)
+                self.transport.publish(key_, payload.tensors, to=send_to, header=payload.header, concurrent=True)
         take([j for j in receive_from if j not in received])
         arrived = {j: received[j] for j in receive_from if j in received}
         complete = len(arrived) == len(weights) - 1  # weights: this node and every neighbour of the round
@@ -108,7 +110,8 @@ class GossipNode(Node):
             total = weights[self.uid] + sum(weights[j] for j in arrived)
             weights = {i: weights[i] / total for i in (self.uid, *arrived)}
         try:
-            self.sharing.aggregate(self.model, own, arrived, weights, self.uid)
+            with self.compute:
+                self.sharing.aggregate(self.model, own, arrived, weights, self.uid)
         except ValueError as e:  # e.g. a robust rule that needs more vectors than arrived
             if complete:
                 raise

@@ -190,7 +190,8 @@ class FederatedNode(Node):
         broadcast = time.time() - published if isinstance(published, (int, float)) else None
         with torch.no_grad():
             self.model.load_state_dict(self.sharing.decode(server, round_, m.tensors, m.header, own), strict=False)
-        loss = self.training.train()
+        with self.compute:
+            loss = self.training.train()
         if self.attacks_messages:  # it knows its own honest model, not the other clients'
             trained = {k: v.clone() for k, v in shared_state(self.model).items()}
             f = len(set(clients) & self.cfg.byzantine)

@@ -533,7 +533,11 @@ class SplitNode(Node):
         client leaves through a send or a share)."""
         handler = {"fwd": self._forward, "bwd": self._backward, "send": self._send, "recv": self._recv,
                    "step": self._step, "share": self._share_out, "sync": self._sync}
-        handler[a.kind](a)
+        if a.kind in ("send", "recv"):
+            handler[a.kind](a)
+        else:  # compute: with a core of the process (several nodes per process), never while waiting
+            with self.compute:
+                handler[a.kind](a)
         for tok, dest in self.plan.outputs(a):
             if dest == self.client:
                 self.queue.produce(tok)
@@ -813,7 +817,7 @@ class SplitNode(Node):
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-                if f.tell() == 0:
+                if os.fstat(f.fileno()).st_size == 0:  # under the lock: the first writer writes the header
                     writer.writeheader()
                 writer.writerow(self.results_row())
                 f.flush()

@@ -12,8 +12,11 @@ on loopback. Rows (each printed with the `tcp` figure beside the `torrent` one):
 * ``dpsgd``: the default 16-node D-PSGD experiment (eval/configs/default.yaml): median
   round time (target: torrent ≤ 1.5 × tcp's); also with every model sent as a torrent;
 * ``sweep``: latency by payload size, point to point unlimited and one to four with
-  100 Mbit/s (12.5 MB/s) upload caps, with every payload sent as a torrent: where the
-  torrent overtakes the inline path, i.e. what ``small_payload_bytes`` should be.
+  100 Mbit/s (12.5 MB/s) upload caps, with every payload sent as a torrent;
+* ``paths``: every payload size (64 KiB to 64 MiB) × receivers (1, 4, 16) × upload cap
+  (none, 10 MB/s), sent inline and as a torrent, beside the path ``communication.path:
+  auto`` chooses (`dflsplit.communication.paths`): it must be within 10 % of the faster, or
+  faster. ``--calibrate`` fits the model's constants to these measurements.
 
 The torrent rows force the data plane (``path: torrent``) except ``dpsgd``, which
 runs the defaults. Usage::
@@ -123,6 +126,64 @@ def dpsgd(name: str, base: int, extra: list[str]) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
+PATH_SIZES = [64 << 10, 256 << 10, MB, 4 * MB, 16 * MB, 64 * MB]
+PATH_RECEIVERS = [1, 4, 16]
+PATH_CAPS = [0, 10_000_000]
+
+
+def paths_rows(table: "Table", base, quick: bool) -> list[dict]:
+    """Every payload size × receivers × upload cap, sent inline and as a torrent (forced),
+    and the path `communication.path: auto` takes for it (the model's choice, which the
+    transport follows): auto must be within 10 % of the faster, or faster."""
+    from dflsplit.communication.paths import CALIBRATION, DEFAULT_MODEL
+
+    table.say(f"# paths: model {DEFAULT_MODEL} ({CALIBRATION})")
+    measured = []
+    for cap in PATH_CAPS:
+        for k in PATH_RECEIVERS:
+            for size in PATH_SIZES:
+                if quick and size > 4 * MB:
+                    continue
+                reps = 2 if k * size / (cap or 1e9) > 5 else (3 if size >= 4 * MB else 5)
+                kw = {"upload_limit": cap} if cap else {}
+                t_in = statistics.median(scenario("torrent", k, size, reps, base(k + 1), path="inline", **kw))
+                t_to = statistics.median(scenario("torrent", k, size, reps, base(k + 1), path="torrent", **kw))
+                choice = DEFAULT_MODEL.choose(size, k, cap)
+                auto = t_in if choice == "inline" else t_to
+                best = min(t_in, t_to)
+                label = f"paths: 1 -> {k}, {size >> 10} KiB, {'uploads %g MB/s' % (cap / 1e6) if cap else 'unlimited'}"
+                table.add(label, "ms", 1000 * t_in, 1000 * t_to, auto / best, "auto <= 1.10 x the faster",
+                          auto <= 1.10 * best, note=f"(auto: {choice})")
+                measured.append({"size": size, "receivers": k, "cap": cap, "inline": t_in, "torrent": t_to})
+    return measured
+
+
+def fit_path_model(measured: list[dict]):
+    """Least-squares fit of the path model's constants to forced inline and torrent times."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    from dflsplit.communication.paths import PathModel
+
+    names = ["inline_latency", "torrent_fixed", "torrent_per_receiver", "hash_rate", "swarm_overhead",
+             "direct_rate", "machine_rate"]
+    x0 = np.log([0.002, 0.06, 0.004, 400e6, 1.25, 200e6, 600e6])
+
+    def residuals(x):
+        m = PathModel(**dict(zip(names, np.exp(x))))
+        out = []
+        for r in measured:
+            up = r["cap"] or m.direct_rate
+            out.append(np.log(m.inline_seconds(r["size"], r["receivers"], up, m.direct_rate) / r["inline"]))
+            if r["receivers"] > 1:
+                tu = r["cap"] or m.machine_rate
+                out.append(np.log(m.torrent_seconds(r["size"], r["receivers"], tu, m.direct_rate, True) / r["torrent"]))
+        return out
+
+    fit = least_squares(residuals, x0)
+    return PathModel(**dict(zip(names, np.exp(fit.x))))
+
+
 class Table:
     def __init__(self):
         self.rows: list[dict] = []
@@ -154,10 +215,12 @@ class Table:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", default="p2p,throughput,swarm,dpsgd,sweep")
+    ap.add_argument("--rows", default="p2p,throughput,swarm,dpsgd,paths")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not a measurement)")
     ap.add_argument("--base-port", type=int, default=28000, help="below the ephemeral port range")
     ap.add_argument("--out", type=Path, default=ROOT / "eval/bench/results/comm.json")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="with the paths rows: fit the path model's constants to the forced measurements and print them")
     args = ap.parse_args(argv)
     rows = set(args.rows.split(","))
     q = args.quick
@@ -218,6 +281,11 @@ def main(argv=None) -> int:
             tcp = statistics.median(scenario("tcp", 4, size, reps, base(5), upload_limit=cap))
             tor = statistics.median(scenario("torrent", 4, size, reps, base(5), upload_limit=cap, **FORCE_TORRENT))
             table.add(f"sweep: 1 -> 4, {size >> 10} KiB, uploads 12.5 MB/s", "ms", 1000 * tcp, 1000 * tor, tor / tcp)
+
+    if "paths" in rows:
+        measured = paths_rows(table, base, q)
+        if args.calibrate:
+            table.say(f"# fitted path model: {fit_path_model(measured)}")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

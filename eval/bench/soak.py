@@ -2,7 +2,8 @@
 """Soak: many nodes for many rounds, some killed (SIGKILL) and restarted (--resume) at random times.
 
 A plain ``dflsplit run`` of eval/configs/default.yaml (``run.on_peer_failure: skip``,
-``run.checkpoint_every: 1``) in a child process; at random rounds a tenth of the nodes are
+``run.checkpoint_every: 1``, every model sent as a torrent so that spools exist) in a child
+process at a lower priority (so that restarts come up while it runs); at random rounds a tenth of the nodes are
 killed with SIGKILL and, a moment later, restarted with ``dflsplit run --resume --nodes U``,
 which rejoins them into the run. Every few seconds the benchmark samples, for every live
 node process, its resident memory (``/proc/PID/statm``: one small read, it does not walk
@@ -62,18 +63,29 @@ def fds(pid: int) -> int | None:
         return None
 
 
-def spool_bytes(parent: Path) -> tuple[int, int]:
-    """(bytes, folders) of dflsplit spools under `parent`."""
-    total, folders = 0, 0
+def spools(parent: Path, pids: set[int]) -> list[Path]:
+    """The dflsplit spool folders under `parent` of the processes `pids` (named after their pid)."""
+    out = []
     for d in parent.glob(SPOOL_PREFIX + "*"):
-        folders += 1
-        for p in d.rglob("*"):
-            try:
+        try:
+            if int(d.name[len(SPOOL_PREFIX):].split("-", 1)[0]) in pids:
+                out.append(d)
+        except ValueError:
+            continue
+    return out
+
+
+def spool_bytes(parent: Path, pids: set[int]) -> tuple[int, int]:
+    """(bytes, folders) of the spools of the processes `pids` under `parent`."""
+    total, found = 0, spools(parent, pids)
+    for d in found:
+        try:
+            for p in d.rglob("*"):
                 if p.is_file():
                     total += p.stat().st_size
-            except OSError:
-                pass
-    return total, folders
+        except OSError:  # removed while we looked
+            continue
+    return total, len(found)
 
 
 def rounds_done(path: Path) -> int:
@@ -107,7 +119,8 @@ class Soak:
                 "--out", str(self.out), "--no-progress",
                 "--set", f"run.procs_per_machine={self.nodes}", "--set", f"run.rounds={self.rounds}",
                 "--set", "node.test_after=10", "--set", "run.on_peer_failure=skip", "--set", "run.checkpoint_every=1",
-                "--set", "communication.timeout=20", "--set", f"run.base_port={port}", "--set", "run.start_timeout=300"]
+                "--set", "communication.timeout=20", "--set", f"run.base_port={port}", "--set", "run.start_timeout=300",
+                "--set", "communication.path=torrent"]  # every model a torrent: spools to leave behind
 
     def run(self, say=print) -> "Soak":
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -117,7 +130,9 @@ class Soak:
         mdir = self.out / "machine_0"
         cmd = self.command(free_base_port(self.nodes + 1, 15000))
         t0 = time.monotonic()
-        main = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # the run at a low priority, so that a restarted node starts while the run goes on
+        main = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: os.nice(10))
         restarts: list[subprocess.Popen] = []
         spool_parent = default_spool_parent(None)
         pending = list(plan)
@@ -136,7 +151,7 @@ class Soak:
                     say(f"round {progress[u]}: killed node {u} (pid {pids[u]}); restarting it")
                     time.sleep(1.0)
                     restarts.append(subprocess.Popen(cmd + ["--resume", "--nodes", str(u)], env=env,
-                                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
             now = time.monotonic()
             if now - last_sample >= 2.0 and pids:
                 last_sample = now
@@ -144,7 +159,7 @@ class Soak:
                 mem = {u: rss(p) for u, p in live.items()}
                 mem = {u: m for u, m in mem.items() if m is not None}
                 files = [n for n in (fds(p) for p in live.values()) if n is not None]
-                spool, folders = spool_bytes(spool_parent)
+                spool, folders = spool_bytes(spool_parent, set(pids.values()) | killed_pids)
                 never_killed = {u for u in mem if u not in {v for _, v in self.kills}}
                 for u in never_killed:
                     if progress[u] >= 10 and u not in self.at_round_10:
@@ -159,10 +174,10 @@ class Soak:
         self.returncodes = [main.returncode] + [p.wait(timeout=600) for p in restarts]
         self.wall = time.monotonic() - t0
         time.sleep(1.0)
-        self.leftover_spools = sum(1 for _ in spool_parent.glob(SPOOL_PREFIX + "*"))
         import psutil
 
         every = set(read_json(mdir / "pids.json").values()) | killed_pids
+        self.leftover_spools = len(spools(spool_parent, every))
         self.leftover_processes = [p for p in every if psutil.pid_exists(p) and
                                    psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         return self
@@ -180,7 +195,7 @@ class Soak:
             + ", ".join(f"node {u} at round {r}" for r, u in self.kills),
             f"wall {self.wall:.0f} s; exit codes {self.returncodes}",
             "method: /proc/PID/statm (resident memory) and /proc/PID/fd of every live node every 2 s; "
-            "spool = bytes under /dev/shm/dflsplit-*",
+            "spool = bytes in the spools of the run's processes (/dev/shm/dflsplit-<pid>-*)",
             "",
             f"{'s':>6} {'min round':>9} {'nodes':>5} {'RSS median MB':>13} {'RSS max MB':>10} {'fds max':>7} "
             f"{'spool MB':>8} {'spools':>6}",
