@@ -206,6 +206,17 @@ def _add_stages(sub) -> None:
     p.set_defaults(func=run_stages)
 
 
+def _add_profile(sub) -> None:
+    from .cli_profile import add_profile_arguments, run_profile
+
+    p = sub.add_parser("profile", help="measure a split-learning run and choose its split and micro-batches",
+                       description="Measure each partition's forward and backward time, the bytes at each cut and "
+                       "the links, simulate one epoch per candidate (device/server split x micro-batches) and print "
+                       "the table and the choice (what split: auto and micro_batches: auto pick at launch).")
+    add_profile_arguments(p)
+    p.set_defaults(func=run_profile)
+
+
 def _add_keys(sub) -> None:
     p = sub.add_parser(
         "keys", help="write CURVE key pairs that authenticate and encrypt the control plane",
@@ -234,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     parser.add_argument("--version", action="version", version=f"dflsplit {installed_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_run, _add_check, _add_merge, _add_generate_graph, _add_plot, _add_stages, _add_keys,
+    for add in (_add_run, _add_check, _add_merge, _add_generate_graph, _add_plot, _add_stages, _add_profile, _add_keys,
                 reference.add_parser, cli_import.add_parser):
         add(sub)
     return parser

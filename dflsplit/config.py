@@ -206,6 +206,9 @@ class CommunicationConfig(Section):
         256 << 20, "largest control-plane frame, and largest payload under a key whose receiver declared no size",
         ge=1024)
     max_queue: int = key(1000, "messages a node buffers per peer socket, and in its mailbox, before dropping", ge=1)
+    node_limits: dict[int, list[int]] = key(
+        doc="node uid -> [upload, download] caps in bytes/s for that node (0: none), instead of upload_limit and "
+            "download_limit", factory=dict, ge=0)
 
 
 @dataclass
@@ -240,25 +243,42 @@ class GraphConfig:
 
 @dataclass
 class SplitConfig:
-    """Split learning: the stage configuration and how replicas are synchronised.
+    """Split learning: the stage configuration, the pipeline schedule, and how replicas are synchronised.
 
-    `mode`: `parallel` (every owner trains every step) or `relay` (owners take turns of one
-    sync period); `save_model`: each node writes its final model to the run folder.
+    The stage configuration is given (`stages` or `stages_file`) or generated: with `server`
+    set, PiPar's device/server layout, where every other node is a device that keeps its
+    first `split` partitions and the last one (its labels never leave it) and the server
+    runs the partitions in between for every device. `mode`: `parallel` (every owner trains
+    every step) or `relay` (owners take turns of one sync period); `save_model`: each node
+    writes its final model to the run folder.
     """
 
     stages: Optional[list[list[str]]] = key(None, "the stage configuration: one row of owner_stage tasks per client")
     stages_file: Optional[str] = key(None, "a .py, .env or .yaml file holding stage configurations, instead of stages")
     stages_index: int = key(0, "which configuration of stages_file (0-based; negative counts from the end)")
-    pairing: Optional[dict[str, str]] = key(
-        None, "forward -> backward stage map, e.g. {'1': '8'}, checked against the derived 2P+1-s")
+    server: Optional[int] = key(
+        None, "device/server mode (PiPar): the server's node uid; the stage configuration is generated from split")
+    split: typing.Union[int, Literal["auto"]] = key(
+        1, "device/server mode: partitions each device keeps before the server's (it also keeps the last); -1: the "
+           "whole model on the devices (federated training); auto: chosen by the profiler at launch", ge=-1)
+    aggregation_frequency: Optional[int] = key(
+        None, "device/server mode: replica averaging every k steps (k > 0), each epoch (-1) or never (0); "
+              "replaces sync, sync_every and sync_unit", ge=-1)
     sync: Literal["fedavg", "gossip", "none"] = key(
         "fedavg", "replica sync: fedavg among all runners of a partition, gossip among neighbouring runners, or none")
     sync_every: int = key(1, "steps (or epochs) between replica syncs", gt=0)
     sync_unit: Literal["steps", "epochs"] = key("steps", "unit of sync_every")
-    micro_batches: int = key(1, "micro-batches per step", gt=0)
+    micro_batches: typing.Union[int, Literal["auto"]] = key(
+        1, "micro-batches per step; auto: chosen by the profiler at launch", gt=0)
+    schedule: str = key("gpipe", "pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b (at most "
+                                 "pipeline-depth micro-batches in flight per partition)")
+    order: Literal["relaxed", "strict"] = key(
+        "relaxed", "relaxed: a client runs any action whose inputs arrived, its schedule's order as priority; "
+                   "strict: in its schedule's order, rows in order (rule 6 is checked accordingly)")
     checkpoint: bool = key(False, "keep only a partition's input and recompute its activations in backward")
     mode: Literal["parallel", "relay"] = key(
         "parallel", "parallel: every owner trains every step; relay: owners take turns of one sync period")
+    profile_repeats: int = key(3, "with split or micro_batches auto: timings per measurement of the profiler", gt=0)
     save_model: bool = key(False, "each node writes its final model to split_model_<uid>.safetensors")
 
 
@@ -581,6 +601,10 @@ def _validate(cfg: Config, source: str) -> None:
     if (r.crash or r.absent) and r.on_peer_failure != "skip":
         raise ConfigError(f"{source}: section 'run': keys 'crash'/'absent' make nodes miss rounds; set "
                           f"on_peer_failure: skip (got {r.on_peer_failure!r})")
+    for u, caps in cfg.communication.node_limits.items():
+        if not 0 <= u < cfg.num_nodes or len(caps) != 2 or any(c < 0 for c in caps):
+            raise ConfigError(f"{source}: section 'communication': key 'node_limits': expected node uid (0.."
+                              f"{cfg.num_nodes - 1}) -> [upload, download] bytes/s >= 0, got {u}: {caps}")
     if r.on_peer_failure == "skip" and cfg.node.name == "split":
         raise ConfigError(f"{source}: section 'run': key 'on_peer_failure': a split-learning pipeline cannot go "
                           f"on without a stage; 'skip' is for gossip and federated nodes")

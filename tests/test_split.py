@@ -4,6 +4,7 @@ real multi-process runs over tcp compared with a single-process unsplit referenc
 from __future__ import annotations
 
 import copy
+import csv
 import json
 from pathlib import Path
 
@@ -16,12 +17,13 @@ from torch import nn
 from dflsplit.config import load_config
 from dflsplit.datasets import load_node_data, prepare_dataset
 from dflsplit.launch import RunFailed, run_experiment
-from dflsplit.mappings.stages import StageConfigError, StageMapping
+from dflsplit.mappings.stages import StageConfigError, StageMapping, device_server_rows
 from dflsplit.models import build_model
-from dflsplit.node.split import batch_sampler, split_timeline, stage_mapping
+from dflsplit.node.split import batch_sampler, data_shard_of, split_timeline, stage_mapping, sync_settings
 from dflsplit.node.split_schedule import (
     Action,
     DataflowQueue,
+    PipelineSchedule,
     ScheduleDeadlock,
     Scheduled,
     SplitPlan,
@@ -74,31 +76,43 @@ def test_dataflow_queue_runs_ready_actions_by_priority():
         q.add(Scheduled(a, (), (0,)))
 
 
+def test_strict_queue_runs_its_list_in_order():
+    q = DataflowQueue(strict=True)
+    first, second = Action("fwd", 0, 1, 2), Action("fwd", 0, 1, 1)
+    q.add(Scheduled(first, (("act", 0, 1, 2, 0),), (0, 0)))
+    q.add(Scheduled(second, (), (0, 1)))
+    assert q.pop() is None  # `second` is ready, but `first` comes before it
+    q.produce(("act", 0, 1, 2, 0))
+    assert [q.pop(), q.pop()] == [first, second]
+
+
 def test_plan_of_worked_example_client_1():
     m = StageMapping(EXAMPLE, 4)
     plan = SplitPlan(m, 1, micro_batches=1, sync="fedavg")
     assert plan.hosted == [(1, 1), (1, 2), (1, 4), (4, 3)]
     assert plan.partners == {1: [2, 3, 4, 5], 2: [2, 3, 4, 5], 3: [2, 3, 4, 5], 4: [2, 3, 4, 5]}
     entries = {e.action: e for e in plan.step(0)}
-    fwd3 = entries[Action("fwd", 0, 4, 3)]
+    fwd3 = entries[Action("fwd", 0, 4, 3)]  # task 4_3: input from client 4, output to client 4
     assert fwd3.requires == (("ver", 0, 4, 3), ("act", 0, 4, 3, 0))
-    assert plan.outputs(fwd3.action) == [(("fwd", 0, 4, 3, 0), 1), (("act", 0, 4, 4, 0), 4)]
+    assert plan.outputs(fwd3.action) == [(("fwd", 0, 4, 3, 0), 1)]
+    recv = Action("recv", 0, 4, 3, 0, "act", 4)
+    assert entries[recv].requires == (("net_act", 0, 4, 3, 0),)
+    assert plan.outputs(recv) == [(("act", 0, 4, 3, 0), 1)]
+    send = Action("send", 0, 4, 4, 0, "act", 4)
+    assert entries[send].requires == (("fwd", 0, 4, 3, 0),)
+    assert plan.outputs(send) == [(("net_act", 0, 4, 4, 0), 4)]
+    assert plan.outputs(Action("fwd", 0, 1, 1)) == [(("fwd", 0, 1, 1, 0), 1), (("act", 0, 1, 2, 0), 1)]  # 1_2 is local
     bwd3 = Action("bwd", 0, 4, 3)  # task 4_6
     assert entries[bwd3].requires == (("fwd", 0, 4, 3, 0), ("grad", 0, 4, 3, 0))
-    assert plan.outputs(bwd3) == [(("bwd", 0, 4, 3, 0), 1), (("grad", 0, 4, 2, 0), 4)]
-    end1 = entries[Action("end", 0, 0, 1)]
-    assert set(end1.requires) == {("ver", 0, 1, 1), ("stepped", 0, 1, 1), ("sent", 0, 1)} | {
+    assert plan.outputs(Action("send", 0, 4, 2, 0, "grad", 4)) == [(("net_grad", 0, 4, 2, 0), 4)]
+    assert entries[Action("send", 0, 4, 2, 0, "grad", 4)].requires == (("bwd", 0, 4, 3, 0),)
+    sync1 = entries[Action("sync", 0, 0, 1)]
+    assert set(sync1.requires) == {("ver", 0, 1, 1), ("stepped", 0, 1, 1), ("shared", 0, 1)} | {
         ("sync", 0, 1, r) for r in (2, 3, 4, 5)}
-    # With every input present, the row tasks run in row order.
-    q = DataflowQueue()
-    q.add_all(e for e in plan.step(0) if e.action.kind in ("fwd", "bwd"))
-    for e in plan.step(0):
-        for tok in e.requires:
-            q.produce(tok)
-    order = []
-    while (a := q.pop()) is not None:
-        order.append((a.owner, a.partition if a.kind == "fwd" else 9 - a.partition))
-    assert order == [(1, 1), (1, 2), (4, 3), (1, 4), (1, 5), (4, 6), (1, 7), (1, 8)]
+    # every remote input has its receive, every remote output its send
+    kinds = [(a.kind, a.what, a.peer) for a in entries if a.kind in ("send", "recv")]
+    assert sorted(kinds) == sorted([(kind, what, peer) for kind in ("send", "recv") for what in ("act", "grad")
+                                    for peer in (2, 4)])  # 1_2 -> 1_3 on client 2 and back; 4_3 for client 4
 
 
 def test_gossip_partners_are_peer_graph_neighbours_and_none_has_none():
@@ -121,17 +135,23 @@ def test_sync_timeline_and_relay_turns():
     assert SplitPlan(m, 1).active(0) == [1, 2, 3, 4, 5]
     # relay: client 1 hosts owner 4's partition 3 but runs none of owner 4's tasks in turn 1
     kinds = {(e.action.kind, e.action.owner) for e in plan.step(0)}
-    assert ("fwd", 1) in kinds and ("fwd", 4) not in kinds and ("end", 0) in kinds
+    assert ("fwd", 1) in kinds and ("fwd", 4) not in kinds and ("sync", 0) in kinds
+
+
+def plans_of(rows, micro=1, schedule="gpipe", strict=False, trainers=None, **kw):
+    m = StageMapping(rows, 4, strict_order=strict)
+    return {c: SplitPlan(m, c, micro, schedule=schedule, strict=strict, trainers=trainers, **kw)
+            for c in range(1, m.num_clients + 1)}
 
 
 @pytest.mark.parametrize("rows", [EXAMPLE, ALL_LOCAL, SERVER], ids=["example", "all_local", "server"])
+@pytest.mark.parametrize("schedule,strict", [("gpipe", False), ("1f1b", False), ("gpipe", True), ("1f1b", True)])
 @pytest.mark.parametrize("sync,period,relay,micro", [
     ("fedavg", 1, False, 1), ("fedavg", 2, False, 3), ("gossip", 1, False, 2), ("none", 1, False, 1),
     ("fedavg", 2, True, 2),
 ])
-def test_every_client_completes_every_action(rows, sync, period, relay, micro):
-    m = StageMapping(rows, 4)
-    plans = {c: SplitPlan(m, c, micro, sync, period, relay) for c in range(1, m.num_clients + 1)}
+def test_every_client_completes_every_action(rows, schedule, strict, sync, period, relay, micro):
+    plans = plans_of(rows, micro, schedule, strict, sync=sync, sync_period=period, relay=relay)
     steps = 4
     ran = dry_run(plans, steps)
     for c, actions in ran.items():
@@ -144,7 +164,51 @@ def test_every_client_completes_every_action(rows, sync, period, relay, micro):
         pos = {a: i for i, a in enumerate(actions)}
         for a in actions:
             if a.kind == "fwd" and a.step > 0:
-                assert pos[Action("end", a.step - 1, 0, a.partition)] < pos[a]
+                assert pos[Action("sync", a.step - 1, 0, a.partition)] < pos[a]
+            if a.kind == "recv":  # a received input is used after it arrived, here
+                user = Action("fwd" if a.what == "act" else "bwd", a.step, a.owner, a.partition, a.micro)
+                assert pos[a] < pos[user]
+
+
+def alive_peak(actions, partition=None):
+    """The most activations a client holds at once in its list: forwards whose backward has not run."""
+    alive = peak = 0
+    for a in actions:
+        if partition is not None and a.partition != partition:
+            continue
+        alive += (a.kind == "fwd") - (a.kind == "bwd")
+        peak = max(peak, alive)
+    return peak
+
+
+def test_gpipe_runs_all_forwards_first_and_1f1b_bounds_what_is_in_flight():
+    local = [[f"1_{s}" for s in range(1, 9)]]
+    m = StageMapping(local, 4)
+    gpipe = PipelineSchedule({1: SplitPlan(m, 1, 4, schedule="gpipe")})
+    kinds = [e.action.kind for e in gpipe.ordered(1, 0) if e.action.kind in ("fwd", "bwd")]
+    assert kinds == ["fwd"] * 16 + ["bwd"] * 16
+    one = PipelineSchedule({1: SplitPlan(m, 1, 4, schedule="1f1b")})
+    labels = [e.action.label(4) for e in one.ordered(1, 0) if e.action.kind in ("fwd", "bwd")]
+    assert labels[:8] == ["F 1_1 #0", "F 1_2 #0", "F 1_3 #0", "F 1_4 #0", "B 1_5 #0", "B 1_6 #0", "B 1_7 #0",
+                          "B 1_8 #0"]  # one pipeline stage: depth 1, one micro-batch at a time
+    # device/server, 8 micro-batches: each device's first partition holds at most its depth (3) in flight
+    plans = {c: SplitPlan(StageMapping(SERVER, 4), c, 8, schedule="1f1b") for c in range(1, 6)}
+    assert plans[1].depth(1, 1) == 3 and plans[1].depth(1, 4) == 1 and plans[5].depth(1, 2) == 2
+    for name, bound in (("1f1b", 3), ("gpipe", 8)):
+        sched = PipelineSchedule({c: SplitPlan(StageMapping(SERVER, 4), c, 8, schedule=name) for c in range(1, 6)})
+        assert alive_peak([e.action for e in sched.ordered(1, 0)], partition=1) == bound
+    assert alive_peak(dry_run(plans, 2)[1], partition=1) == 3
+
+
+def test_strict_lists_keep_the_row_order_for_every_micro_batch():
+    plans = plans_of(EXAMPLE, 3, "1f1b", strict=True)
+    sched = PipelineSchedule(plans)
+    for c, plan in plans.items():
+        row = {task: i for i, task in enumerate(plan.stages.tasks(c))}
+        for m in range(3):
+            tasks = [(a.owner, a.partition if a.kind == "fwd" else 9 - a.partition)
+                     for a in (e.action for e in sched.ordered(c, 0)) if a.kind in ("fwd", "bwd") and a.micro == m]
+            assert [row[t] for t in tasks] == sorted(row[t] for t in tasks)
 
 
 def test_dataflow_runs_rows_a_strict_runner_would_deadlock_on():
@@ -155,16 +219,36 @@ def test_dataflow_runs_rows_a_strict_runner_would_deadlock_on():
     ran = dry_run(plans, 3)
     first_row_task = [a for a in ran[1] if a.kind in ("fwd", "bwd")][0]
     assert first_row_task == Action("fwd", 0, 1, 1)  # not 2_2, whose input is not there yet
+    # the same rows in strict order: the dry run finds the cycle rule 6 reports
+    strict = {c: SplitPlan(m, c, 2, strict=True) for c in (1, 2)}
+    with pytest.raises(ScheduleDeadlock, match=r"(?s)client 1: receiving the activation into 2_2 "
+                       r"\(step 0, micro-batch 0\) "
+                       r"from client 2 waits for .*client 2: receiving the activation into 1_2"):
+        dry_run(strict, 1)
 
 
 def test_dry_run_reports_a_missing_sender():
-    m = StageMapping(EXAMPLE, 4)
-    plans = {c: SplitPlan(m, c) for c in range(1, 6)}
+    plans = plans_of(EXAMPLE)
     # client 2 never sends owner 2's activations to client 5, which runs 2_3
-    plans[2].outputs = lambda a: [(tok, c) for tok, c in SplitPlan.outputs(plans[2], a) if c != 5 or tok[0] != "act"]
-    with pytest.raises(ScheduleDeadlock, match=r"client 5: forward 2_3 \(step 0, micro-batch 0\) waits for "
-                       r"activation into owner 2's partition 3 \(step 0, micro-batch 0\)"):
+    plans[2].outputs = lambda a: [] if a.kind == "send" and a.peer == 5 else SplitPlan.outputs(plans[2], a)
+    with pytest.raises(ScheduleDeadlock, match=r"client 5: receiving the activation into 2_3 \(step 0, micro-batch 0\) "
+                       r"from client 2 waits for activation into owner 2's partition 3 \(step 0, micro-batch 0\) "
+                       r"from client 2"):
         dry_run(plans, 1)
+
+
+def test_device_server_layout_and_a_server_without_data():
+    rows = device_server_rows(5, 5, 4, 1)
+    m = StageMapping(rows, 4)  # valid, strict order included
+    assert m.runners[1] == [1, 5, 5, 1] and m.runners[5] == [5, 5, 5, 5]
+    assert StageMapping(device_server_rows(5, 5, 4, 2), 4).runners[2] == [2, 2, 5, 2]
+    assert all(len(set(r)) == 1 for r in StageMapping(device_server_rows(5, 5, 4, -1), 4).runners.values())
+    plans = plans_of(rows, 2, trainers=[1, 2, 3, 4])
+    assert {a.owner for e in plans[5].step(0) for a in [e.action] if a.kind == "fwd"} == {1, 2, 3, 4}
+    ran = dry_run(plans, 2)
+    assert not [a for a in ran[5] if a.kind == "fwd" and a.owner == 5]  # the server's own pipeline never runs
+    with pytest.raises(StageConfigError, match="split must be -1 or 1..2"):
+        device_server_rows(5, 5, 4, 0)
 
 
 # --------------------------------------------------------------------------- real runs
@@ -197,22 +281,25 @@ def float_state(module):
 
 
 def reference(cfg, steps):
-    """Single process, no split: every owner trains the model assembled from its replicas
-    on the same batches; replicas are averaged by samples as `cfg.split` says."""
+    """Single process, no split: every owner with data trains the model assembled from its
+    replicas on the same batches; replicas are averaged by samples as the config says (a
+    device/server run's server holds no data: its replicas only take the average)."""
     torch.manual_seed(0)
     prepare_dataset(cfg)
     stages = stage_mapping(cfg)
     n, P = stages.num_clients, stages.P
-    data = {o: load_node_data(cfg, o - 1) for o in range(1, n + 1)}
+    shards = {o: data_shard_of(cfg, o - 1) for o in range(1, n + 1)}
+    data = {o: load_node_data(cfg, o - 1, shards[o]) for o in range(1, n + 1)}
+    trainers = [o for o in data if shards[o] is not None]
     model = build_model(cfg.model, data[1].input_shape, data[1].num_classes, seed=cfg.run.seed)
-    samplers = {o: batch_sampler(cfg, o - 1, len(data[o].train_y)) for o in data}
+    samplers = {o: batch_sampler(cfg, o - 1, len(data[o].train_y)) for o in trainers}
     reps = {(o, p): copy.deepcopy(model[p - 1]) for o in data for p in range(1, P + 1)}
     opts = {k: build_optimizer(cfg.optimizer, r.parameters()) for k, r in reps.items()}
     samples = dict.fromkeys(reps, 0)
     _, period = split_timeline(cfg)
-    sp = cfg.split
+    sync = sync_settings(cfg)[0]
     for t in range(steps):
-        owners = [t // period % n + 1] if sp.mode == "relay" else list(data)
+        owners = [trainers[t // period % len(trainers)]] if cfg.split.mode == "relay" else trainers
         for o in owners:
             idx = samplers[o].next()
             net = nn.Sequential(*(reps[(o, p)] for p in range(1, P + 1)))
@@ -222,10 +309,10 @@ def reference(cfg, steps):
                 opts[(o, p)].step()
                 opts[(o, p)].zero_grad()
                 samples[(o, p)] += len(idx)
-        if sp.sync == "none" or (t + 1) % period:
+        if sync == "none" or (t + 1) % period:
             continue
         for p in range(1, P + 1):
-            if sp.sync == "fedavg":
+            if sync in ("fedavg", "star"):
                 groups = {o: list(data) for o in data}
             else:  # gossip: owners whose replicas run on the same or a neighbouring runner
                 runner = stages.replicas(p)
@@ -281,6 +368,139 @@ def test_split_run_equals_unsplit_reference(tmp_path, base_port, rows, model, ex
         assert not all(same)
     if cfg.split.mode == "relay":  # one owner trains per turn of 2 steps: 4 of 20 steps each
         assert [sum(r["steps_trained"] for r in records[u]) for u in range(5)] == [4] * 5
+
+
+def records_of(run_dir, nodes):
+    return {u: [json.loads(x) for x in (Path(run_dir) / "machine_0" / f"node_{u}.jsonl").read_text().splitlines()]
+            for u in range(nodes)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("micro", [1, 2, 4])
+def test_pipelined_run_equals_unsplit_reference(tmp_path, base_port, schedule, micro):
+    """M micro-batches in flight, in either schedule, train exactly the unsplit full-batch model."""
+    cfg = split_config(tmp_path, base_port, EXAMPLE, f"split.micro_batches={micro}", f"split.schedule={schedule}")
+    run_experiment(cfg, tmp_path / "run")
+    assert_matches_reference(cfg, tmp_path / "run", 20)
+
+
+@pytest.mark.slow
+def test_1f1b_keeps_fewer_activations_alive_than_gpipe_at_8_micro_batches(tmp_path, base_port):
+    peaks = {}
+    for i, schedule in enumerate(("gpipe", "1f1b")):
+        cfg = split_config(tmp_path, base_port + 20 * i, EXAMPLE, "split.micro_batches=8",
+                           f"split.schedule={schedule}")
+        run_experiment(cfg, tmp_path / schedule)
+        assert_matches_reference(cfg, tmp_path / schedule, 20)
+        records = records_of(tmp_path / schedule, 5)
+        peaks[schedule] = {u: max(r["peak_activations"] for r in rs) for u, rs in records.items()}
+    # client 1 holds owner 1's partitions 1, 2 and 4 and owner 4's 3: gpipe keeps all 8 micro-batches of each
+    # alive at once; 1f1b at most the pipeline depth from each (3, 3, 1 and 2)
+    assert peaks["gpipe"][0] >= 8 * 3
+    assert all(peaks["1f1b"][u] < peaks["gpipe"][u] for u in range(5)), peaks
+    assert peaks["1f1b"][0] <= 3 + 3 + 1 + 2
+
+
+@pytest.mark.slow
+def test_strict_order_run_equals_unsplit_reference(tmp_path, base_port):
+    cfg = split_config(tmp_path, base_port, EXAMPLE, "split.order=strict", "split.schedule=1f1b",
+                       "split.micro_batches=2")
+    run_experiment(cfg, tmp_path / "run")
+    assert_matches_reference(cfg, tmp_path / "run", 20)
+
+
+def device_server_config(tmp_path, base_port, *overrides):
+    """PiPar's device/server mode on digits: 4 devices and a server (node 4), one epoch a round."""
+    data = {
+        "run": {"name": "pipar-test", "procs_per_machine": 5, "rounds": 2, "base_port": base_port,
+                "threads_per_proc": 1, "progress": False},
+        "dataset": {"name": "digits"},
+        "model": {"name": "mlp", "hidden": [32, 32, 16], "partitions": 4},
+        "optimizer": {"name": "sgd", "lr": 0.1},
+        "training": {"batch_size": 32, "local_steps": None, "local_epochs": 1},
+        "node": {"name": "split", "test_after": 1},
+        "communication": {"name": "tcp", "timeout": 60},
+        "split": {"server": 4, "split": 1, "micro_batches": 4, "aggregation_frequency": -1, "save_model": True},
+    }
+    path = tmp_path / "pipar.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path, list(overrides))
+
+
+@pytest.mark.slow
+def test_device_server_mode_trains_every_sample_once_per_epoch_and_writes_results_csv(tmp_path, base_port):
+    cfg = device_server_config(tmp_path, base_port)
+    summary = run_experiment(cfg, tmp_path / "run")
+    epoch = split_timeline(cfg)[0]
+    assert epoch == 12  # 1437 digits over 4 devices: 359 or 360 samples, 12 batches of 32 (the last smaller)
+    ref = assert_matches_reference(cfg, tmp_path / "run", 2 * epoch)
+    first = ref[1]  # aggregated every epoch, through the server: every model ends equal, the server's too
+    assert all(torch.allclose(first[k], m[k], atol=1e-6) for m in ref.values() for k in first)
+    records = records_of(tmp_path / "run", 5)
+    shard = {u: len(load_node_data(cfg, u, data_shard_of(cfg, u)).train_y) for u in range(4)}
+    for u in range(4):  # every sample of a device's shard trained exactly once in each epoch
+        assert [r["sample_counts"] for r in records[u]] == [[1, 1], [2, 2]]
+        assert [r["role"] for r in records[u]] == ["device"] * 2
+    assert "sample_counts" not in records[4][0] and records[4][0]["role"] == "server"
+    for u, rs in records.items():
+        for r in rs:
+            assert r["held_payloads"] == 0  # nothing of its steps kept after its use
+            parts = r["compute_seconds"] + r["comm_wait_seconds"] + r["idle_seconds"]
+            assert abs(parts - r["train_seconds"]) <= 0.05 * r["train_seconds"], r  # the node's time, accounted
+            assert r["compute_seconds"] == pytest.approx(sum(r[f"{k}_seconds"] for k in (
+                "data_load", "forward", "backward", "update", "sync")))
+    with open(Path(summary["machine_dir"]) / "results.csv") as f:
+        rows = {int(r["node"]): r for r in csv.DictReader(f)}
+    assert sorted(rows) == [0, 1, 2, 3, 4]
+    assert [rows[u]["role"] for u in range(5)] == ["device"] * 4 + ["server"]
+    assert [int(rows[u]["samples"]) for u in range(5)] == [2 * shard[u] for u in range(4)] + [0]
+    for u, row in rows.items():
+        assert float(row["mb_communicated"]) == pytest.approx(
+            (records[u][-1]["bytes_sent"] + records[u][-1]["bytes_received"]) / 1e6, rel=0.05)
+        assert float(row["test_acc"]) == pytest.approx(records[u][-1]["test_acc"], abs=1e-6)
+        assert float(row["forward_s"]) == pytest.approx(sum(r["forward_seconds"] for r in records[u]), rel=1e-4)
+        assert (int(row["held_end"]), int(row["mailbox_end"]), int(row["spool_end_bytes"])) == (0, 0, 0)
+    assert float(rows[4]["forward_s"]) > 0 and float(rows[0]["forward_s"]) > 0  # both sides compute
+
+
+@pytest.mark.slow
+def test_auto_split_and_micro_batches_are_chosen_at_launch(tmp_path, base_port):
+    cfg = device_server_config(tmp_path, base_port, "split.split=auto", "split.micro_batches=auto",
+                               "run.rounds=1", "split.profile_repeats=1")
+    summary = run_experiment(cfg, tmp_path / "run")
+    chosen = yaml.safe_load((Path(summary["machine_dir"]) / "config.yaml").read_text())["split"]
+    assert chosen["split"] in (-1, 1, 2) and chosen["micro_batches"] in (1, 2, 4, 8, 16)
+    assert summary["nodes"] == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["auto", "torrent"])
+def test_per_step_traffic_leaves_spool_and_mailbox_as_they_were(tmp_path, base_port, path):
+    """2 MiB activations each way every step: with the default path (one receiver: inline) the
+    spool stays empty and the mailbox drains after every round; a forced torrent path keeps
+    files for retention_rounds (the check can fail)."""
+    rows = [["1_1", "2_2", "1_3", "1_4", "2_5", "1_6"], ["2_1", "1_2", "2_3", "2_4", "1_5", "2_6"]]
+    steps = (10, 10) if path == "auto" else (2, 3)
+    cfg = split_config(tmp_path, base_port, rows, "model.hidden=[8192, 16]", "model.partitions=3",
+                       "training.batch_size=64", f"run.rounds={steps[0]}", f"training.local_steps={steps[1]}",
+                       "communication.name=torrent", f"communication.path={path}", "node.test_after=100",
+                       "split.sync=none")
+    summary = run_experiment(cfg, tmp_path / "run")
+    records = records_of(tmp_path / "run", 2)
+    with open(Path(summary["machine_dir"]) / "results.csv") as f:
+        end = {int(r["node"]): r for r in csv.DictReader(f)}
+    for u, rs in records.items():
+        assert sum(r["steps_trained"] for r in rs) == steps[0] * steps[1]
+        # an activation and a gradient of 2 MiB a step (64 x 8192 floats; the last batch of each pass is smaller)
+        assert rs[-1]["payload_bytes_sent"] >= 0.8 * steps[0] * steps[1] * 2 * (2 << 20)
+        assert all(r["held_payloads"] == 0 for r in rs)
+        assert int(end[u]["held_end"]) == 0 and int(end[u]["mailbox_end"]) == 0  # the mailbox as it started
+        spool = [r["spool_bytes"] for r in rs]
+        if path == "auto":
+            assert spool == [0] * steps[0] and int(end[u]["spool_end_bytes"]) == 0  # the spool as it started
+        else:
+            assert min(spool) >= 2 << 20  # torrents kept for retention_rounds
 
 
 @pytest.mark.slow

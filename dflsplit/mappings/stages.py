@@ -683,11 +683,55 @@ def load_stages(source: Any, index: int = 0) -> Rows:
     return [list(r) for r in source]
 
 
-def stages_from_config(cfg: Any) -> tuple[Rows, str]:
-    """(rows, where) from a ``dflsplit.config.Config``: ``split.stages``, or configuration
-    ``split.stages_index`` of ``split.stages_file`` (relative to the config file)."""
+def device_server_rows(num_clients: int, server: int, partitions: int, split: int) -> Rows:
+    """The stage configuration of PiPar's device/server layout (clients 1-based).
+
+    Every client but `server` is a device that runs partitions 1..`split` and the last one
+    P of its own pipeline (the loss, so its labels never leave it); `server` runs
+    partitions ``split+1 .. P-1`` of every device's pipeline, and its own pipeline whole
+    (it trains only if it holds data). ``split = -1`` (or ``split >= P-1``): every device
+    runs its whole model, federated training. Each row lists its tasks by stage, then
+    owner, which no row order and data dependency can deadlock (rule 6, strict).
+
+    >>> rows = device_server_rows(3, 3, 3, 1)
+    >>> rows[0], rows[2]
+    (['1_1', '1_3', '1_4', '1_6'], ['3_1', '1_2', '2_2', '3_2', '3_3', '3_4', '1_5', '2_5', '3_5', '3_6'])
+    """
+    P = partitions
+    if not 1 <= server <= num_clients:
+        raise StageConfigError(f"device/server layout: server client {server} is not in 1..{num_clients}")
+    if P < 1 or not (split == -1 or 1 <= split):
+        raise StageConfigError(f"device/server layout: split must be -1 or 1..{max(1, P - 2)}, got {split} "
+                               f"(P={P})")
+    local = split == -1 or split >= P - 1
+    rows: list[list[Task]] = [[] for _ in range(num_clients)]
+    for o in range(1, num_clients + 1):
+        for stage in range(1, 2 * P + 1):
+            p = stage if stage <= P else 2 * P + 1 - stage
+            on_server = o != server and not local and split < p < P
+            rows[(server if on_server else o) - 1].append((o, stage))
+    return [[task_label(o, st) for o, st in sorted(row, key=lambda t: (t[1], t[0]))] for row in rows]
+
+
+def stages_from_config(cfg: Any, partitions: Optional[int] = None) -> tuple[Rows, str]:
+    """(rows, where) from a ``dflsplit.config.Config``: ``split.stages``, configuration
+    ``split.stages_index`` of ``split.stages_file`` (relative to the config file), or, with
+    ``split.server`` set, the device/server layout of ``split.split`` for a model of
+    `partitions` partitions (``device_server_rows``)."""
     src = cfg.path or "<config>"
     sp = cfg.split
+    if sp.server is not None:
+        if sp.stages is not None or sp.stages_file is not None:
+            raise StageConfigError(f"{src}: section 'split': 'server' generates the stage configuration; unset "
+                                   f"'stages' and 'stages_file'")
+        if partitions is None:
+            raise StageConfigError(f"{src}: section 'split': the device/server layout needs the model's partition "
+                                   f"count (model.partitions)")
+        if sp.split == "auto":
+            raise StageConfigError(f"{src}: section 'split': key 'split' is 'auto': the profiler chooses it at launch "
+                                   f"(dflsplit profile CONFIG shows its choice)")
+        rows = device_server_rows(cfg.num_nodes, uid_to_client(sp.server), partitions, sp.split)
+        return rows, f"{src}: split.server={sp.server}, split.split={sp.split} (device/server layout)"
     if sp.stages is not None and sp.stages_file is not None:
         raise StageConfigError(f"{src}: section 'split': set only one of 'stages' and 'stages_file'")
     if sp.stages is not None:
@@ -695,22 +739,27 @@ def stages_from_config(cfg: Any) -> tuple[Rows, str]:
     if sp.stages_file is not None:
         path = cfg.resolve(sp.stages_file)
         return _select(_configs_in_file(path), path, sp.stages_index)
-    raise StageConfigError(f"{src}: section 'split': set 'stages' (a list of rows) or 'stages_file'")
+    raise StageConfigError(f"{src}: section 'split': set 'stages' (a list of rows), 'stages_file', or 'server' "
+                           f"(the device/server layout)")
 
 
-def mapping_from_config(cfg: Any, partitions: Optional[int] = None, strict_order: bool = True) -> StageMapping:
+def mapping_from_config(cfg: Any, partitions: Optional[int] = None,
+                        strict_order: Optional[bool] = None) -> StageMapping:
     """The StageMapping of a Config; checks one row per node (run.machines x procs_per_machine).
 
     ``partitions`` defaults to ``model.partitions`` (None: inferred from the configuration).
+    Rule 6 is checked as ``split.order`` says (``strict_order`` overrides it).
     """
-    rows, where = stages_from_config(cfg)
+    if partitions is None:
+        partitions = getattr(cfg.model, "partitions", None)
+    rows, where = stages_from_config(cfg, partitions)
     if len(rows) != cfg.num_nodes:
         raise StageConfigError(
             f"{where}: the stage configuration has {len(rows)} rows but the run has "
             f"{cfg.num_nodes} nodes (run.machines x run.procs_per_machine); one row per node expected")
-    if partitions is None:
-        partitions = getattr(cfg.model, "partitions", None)
-    return StageMapping(rows, partitions, cfg.split.pairing, strict_order, source=where)
+    if strict_order is None:
+        strict_order = cfg.split.order == "strict"
+    return StageMapping(rows, partitions, None, strict_order, source=where)
 
 
 # --------------------------------------------------------------------------- Deeplopito import
@@ -798,7 +847,7 @@ def write_config_yaml(config: dict[str, Any], path: str | os.PathLike) -> None:
 
 __all__ = [
     "RULES", "STAGE_VARIABLES", "StageConfigError", "StageMapping", "Violation", "client_to_uid",
-    "find_violations", "import_deeplopito_env", "list_stage_configs", "load_stages",
+    "device_server_rows", "find_violations", "import_deeplopito_env", "list_stage_configs", "load_stages",
     "mapping_from_config", "parse_task", "read_env", "stage_config_locations", "stages_from_config",
     "task_label", "uid_to_client", "validate", "write_config_yaml",
 ]

@@ -1,4 +1,4 @@
-"""The registered networks: mlp, cnn, lenet, resnet18."""
+"""The registered networks: mlp, cnn, lenet, resnet18, vgg."""
 
 from __future__ import annotations
 
@@ -86,3 +86,27 @@ def resnet18(cfg, input_shape, num_classes):
     blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
     head = nn.Sequential(net.avgpool, nn.Flatten(), net.fc)
     return PartitionedModel(stem, *blocks, head)
+
+
+@dataclass
+class VGGKeys:
+    """Keys of model `vgg`."""
+
+    width: int = key(16, "channels of the first block; the second has 4x, the third 8x", ge=1)
+
+
+@register_model("vgg", num_partitions=4, keys=VGGKeys)
+def vgg(cfg, input_shape, num_classes):
+    """Small VGG-style CNN (3x3 convolutions, ReLU, 2x2 max-pooling), 4 partitions: a first
+    block of two convolutions of width w at full resolution, a second of two of 4w, a third
+    of one of 8w ending in global average pooling, and the classifier (linear). For images
+    whose sides are multiples of 8 (CIFAR-10's 32×32, digits' 8×8)."""
+    c, w = input_shape[0], cfg.width
+
+    def conv(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
+
+    block1 = nn.Sequential(*conv(c, w), *conv(w, w), nn.MaxPool2d(2))
+    block2 = nn.Sequential(*conv(w, 4 * w), *conv(4 * w, 4 * w), nn.MaxPool2d(2))
+    block3 = nn.Sequential(*conv(4 * w, 8 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return PartitionedModel(block1, block2, block3, nn.Linear(8 * w, num_classes))

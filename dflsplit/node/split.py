@@ -2,35 +2,46 @@
 
 Every node is a client (client c = node uid c-1) and the owner of its data. The model is
 cut into its P partitions; the stage configuration (``split.stages`` or
-``split.stages_file``, see ``dflsplit.mappings.stages``) says which client runs each
-partition of each owner's pipeline. A client keeps one *replica* (a copy of the
-partition, all built from the same seed, and its own optimizer) per (owner, partition)
-it runs.
+``split.stages_file``, see ``dflsplit.mappings.stages``), or PiPar's device/server layout
+generated from ``split.server`` and ``split.split``, says which client runs each partition
+of each owner's pipeline. A client keeps one *replica* (a copy of the partition, all built
+from the same seed, with its own optimizer) per (owner, partition) it runs.
 
-One training step: each owner draws a batch and splits it into ``split.micro_batches``
-micro-batches; each micro-batch flows forward through the owner's partitions (the
-activations travel to the next partition's runner), the owner computes the loss on its
-own labels, and gradients flow back along the same edges. Each runner keeps the autograd
-graph of its forward and backpropagates through it (with ``split.checkpoint`` it keeps
-only the partition's input and recomputes the inside, ``torch.utils.checkpoint``);
-gradients accumulate over the micro-batches and each replica takes one optimizer step
-per batch. Labels and raw inputs never leave their owner.
+One training step: each owner draws a batch (the Training layer's sampler: every sample
+of the shard once per pass) and splits it into ``split.micro_batches`` micro-batches;
+each micro-batch flows forward through the owner's partitions (the activations travel to
+the next partition's runner), the owner computes the loss on its own labels, and
+gradients flow back along the same edges. Each runner keeps the autograd graph of its
+forward and backpropagates through it (with ``split.checkpoint`` it keeps only the
+partition's input and recomputes the inside, ``torch.utils.checkpoint``); gradients
+accumulate over the micro-batches and each replica takes one optimizer step per batch
+(optimizers from the Training layer). Labels and raw inputs never leave their owner.
 
-Replica synchronisation at the end of every ``split.sync_every`` steps (or epochs): the
-replicas of a partition are averaged, weighted by the samples each trained on since the
-last synchronisation. ``fedavg``: all replicas of the partition (every runner ends with
-identical weights: each runner sends the weighted mean of its own replicas to the other
-runners once, and all combine the same shares in the same order); ``gossip``: with the
-runners that are neighbours in the peer graph; ``none``. Replicas on one client are
-averaged locally, without the network. With ``split.mode: relay`` the owners train one
-after another, a turn lasting one synchronisation period, and the synchronisation (weights:
-samples, so only the trained replicas count) passes the weights on: Bloom's sequential
-relay. A server holding the middle of every pipeline is a stage configuration in which
-one client runs those partitions for all owners (``eval/configs/split/server5.yaml``).
+The order of a step is data: ``split.schedule`` (``gpipe``, ``1f1b``) makes every client's
+ordered list of actions (`split_schedule.PipelineSchedule`, dry-run at launch), and this
+node executes its list: with ``split.order: relaxed`` any action whose inputs are there,
+the list's order as priority; with ``strict`` in order. Sends and receives run in the
+background: a sender thread publishes (encoding, rate limits, torrents), a receiver thread
+takes and checks the arriving messages, so the forward of micro-batch k+1 runs while k
+is on the wire. A payload is released as soon as the action that needs it ran.
 
-The schedule of a step is data (`split_schedule.SplitPlan`); this node executes it: it
-runs the ready action of lowest priority (row order), and when none is ready it waits
-for any split message (each wait bounded by ``communication.timeout``).
+Replica synchronisation at the end of every ``split.sync_every`` steps (or epochs; in
+device/server mode ``split.aggregation_frequency``, and through the server: each device
+sends its share to it and gets the average back): the replicas of a partition are
+combined by Sharing's aggregator (``sharing.aggregator``, so robust rules apply), weighted
+by the samples each trained on since the last synchronisation. ``fedavg``: all replicas
+of the partition (every runner ends with identical weights: each runner sends the
+weighted mean of its own replicas to the other runners once, and all combine the same
+shares in the same order); ``gossip``: with the runners that are neighbours in the peer
+graph; ``none``. Replicas on one client are averaged locally, without the network. With
+``split.mode: relay`` the owners train one after another, a turn lasting one
+synchronisation period (Bloom's sequential relay).
+
+Metrics: every round record has the compute thread's time per activity (data loading,
+forward, backward, optimizer update, replica sync, sends, receives, idle) and their sum,
+the sender's upload time, the transfer time of what arrived, the live activations' peak,
+and what the node still holds (payloads, spool, mailbox); at the end each node adds its
+row to ``results.csv`` in its machine's results folder (PiPar's columns and more).
 
 Evaluation: each owner assembles its model from the replicas it uses (the runners send
 theirs) and tests it. With ``split.save_model`` each node writes that model at the end to
@@ -40,16 +51,23 @@ theirs) and tests it. With ``split.save_model`` each node writes that model at t
 from __future__ import annotations
 
 import copy
+import csv
+import fcntl
 import math
+import os
+import queue
+import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from ..communication import PeerTimeout
+from ..communication import CommError, PayloadRejected, PeerTimeout
 from ..communication.base import PayloadMismatch, check_payload
 from ..communication.codec import describe
 from ..graphs import Graph
@@ -58,10 +76,27 @@ from ..models import MODELS
 from ..sharing import weighted_average
 from ..training import BatchSampler, build_optimizer
 from .base import NODES, Node
-from .split_schedule import Action, DataflowQueue, SplitPlan, Token, describe_blocked
+from .split_schedule import (
+    SCHEDULES, Action, DataflowQueue, PipelineSchedule, SplitPlan, Token, describe_blocked,
+)
 
 PREFIX = "split/x/"
 EVAL_PREFIX = "split/eval/"
+
+#: compute-thread activity of each action kind
+ACTIVITY = {"fwd": "forward", "bwd": "backward", "step": "update", "share": "sync", "sync": "sync",
+            "send": "send", "recv": "receive"}
+COMPUTE = ("data_load", "forward", "backward", "update", "sync")
+COMMUNICATION = ("send", "receive")
+ACTIVITIES = COMPUTE + COMMUNICATION + ("idle",)
+
+#: columns of results.csv (one row per node): PiPar's device and server columns and more
+RESULT_COLUMNS = (
+    "node", "role", "rounds", "steps", "samples", "data_load_s", "forward_s", "backward_s", "update_s", "sync_s",
+    "send_s", "receive_s", "idle_s", "compute_s", "comm_wait_s", "train_s", "accounted_pct", "upload_s",
+    "download_s", "eval_s", "total_s", "mb_sent", "mb_received", "mb_communicated", "peak_activations",
+    "test_loss", "test_acc", "held_end", "mailbox_end", "spool_end_bytes",
+)
 
 
 class SplitError(RuntimeError):
@@ -83,9 +118,44 @@ def stage_mapping(cfg):
     return mapping_from_config(cfg, partitions=model_partitions(cfg))
 
 
+def data_shard_of(cfg, uid: int) -> tuple[int, int] | None:
+    """(index, count) of node `uid`'s training shard; None for a device/server run's server."""
+    server = cfg.split.server
+    if server is None:
+        return uid, cfg.num_nodes
+    if uid == server:
+        return None
+    return uid - (uid > server), cfg.num_nodes - 1
+
+
+def trainers_of(cfg) -> list[int]:
+    """The clients (1-based) that hold data and train."""
+    return [uid_to_client(u) for u in range(cfg.num_nodes) if data_shard_of(cfg, u) is not None]
+
+
 def batch_sampler(cfg, uid: int, num_samples: int) -> BatchSampler:
-    """The batches owner `uid` draws (seeded as `local_sgd` seeds node `uid`)."""
-    return BatchSampler(num_samples, cfg.training.batch_size, torch.Generator().manual_seed(cfg.run.seed * 100003 + uid))
+    """The batches owner `uid` draws: what the Training layer's `make_sampler(drop_last=False)`
+    of node `uid` draws (seeded as `local_sgd` seeds node `uid`), every sample once per pass."""
+    generator = torch.Generator().manual_seed(cfg.run.seed * 100003 + uid)
+    return BatchSampler(num_samples, cfg.training.batch_size, generator, drop_last=False)
+
+
+def sync_settings(cfg) -> tuple[str, int, str]:
+    """(sync, every, unit) of a config: ``split.sync``, ``sync_every``, ``sync_unit``, or in
+    device/server mode ``split.aggregation_frequency`` when set (-1: each epoch, 0: never).
+    In device/server mode fedavg goes through the server (``star``), as in PiPar: each
+    device uploads its share once and downloads the average once."""
+    sp = cfg.split
+    k = sp.aggregation_frequency
+    sync, every, unit = sp.sync, sp.sync_every, sp.sync_unit
+    if sp.server is not None and k is not None:
+        if k == 0:
+            sync, every, unit = "none", 1, "steps"
+        else:
+            sync, every, unit = ("fedavg", 1, "epochs") if k == -1 else ("fedavg", k, "steps")
+    if sp.server is not None and sync == "fedavg":
+        sync = "star"
+    return sync, every, unit
 
 
 def steps_per_epoch(cfg, dataset=None) -> int:
@@ -93,20 +163,38 @@ def steps_per_epoch(cfg, dataset=None) -> int:
     from ..datasets import build_dataset
 
     dataset = dataset if dataset is not None else build_dataset(cfg)
-    sizes = [len(ix) for ix in dataset.partition_train(cfg.num_nodes)]
     b = cfg.training.batch_size
+    sizes = []
+    for u in range(cfg.num_nodes):
+        shard = data_shard_of(cfg, u)
+        if shard is not None:
+            sizes.append(len(dataset.partition_train(shard[1])[shard[0]]))
     return max(math.ceil(n / min(b, n)) for n in sizes if n > 0)
 
 
 def split_timeline(cfg, dataset=None) -> tuple[int, int]:
     """(steps per round, steps between synchronisations) of a config."""
-    t, sp = cfg.training, cfg.split
+    t = cfg.training
+    _, every, unit = sync_settings(cfg)
     epoch = None
-    if t.local_steps is None or sp.sync_unit == "epochs":
+    if t.local_steps is None or unit == "epochs":
         epoch = steps_per_epoch(cfg, dataset)
     steps = t.local_steps if t.local_steps is not None else max(1, math.ceil(t.local_epochs * epoch))
-    period = sp.sync_every if sp.sync_unit == "steps" else sp.sync_every * epoch
+    period = every if unit == "steps" else every * epoch
     return steps, period
+
+
+def build_schedule(cfg, stages, period: int) -> PipelineSchedule:
+    """The run's `PipelineSchedule`: one plan per client with the configured schedule,
+    micro-batches, order and sync."""
+    sync, _, _ = sync_settings(cfg)
+    sp = cfg.split
+    trainers = trainers_of(cfg)
+    hub = uid_to_client(sp.server) if sp.server is not None else None
+    plans = {c: SplitPlan(stages, c, sp.micro_batches, sync, period, relay=sp.mode == "relay", schedule=sp.schedule,
+                          strict=sp.order == "strict", trainers=trainers, hub=hub)
+             for c in range(1, stages.num_clients + 1)}
+    return PipelineSchedule(plans)
 
 
 def float_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -118,16 +206,97 @@ class Replica:
     """Owner `owner`'s copy of partition `partition`, with its optimizer and the samples
     it trained on since the last synchronisation."""
 
-    def __init__(self, owner: int, partition: int, module: nn.Module, optimizer_cfg):
+    def __init__(self, owner: int, partition: int, module: nn.Module, optimizer: torch.optim.Optimizer):
         self.owner, self.partition = owner, partition
         self.module = module.train()
-        self.optimizer = build_optimizer(optimizer_cfg, module.parameters())
+        self.optimizer = optimizer
         self.samples = 0
+
+
+class Clock:
+    """Seconds per activity of the compute thread, on one timeline: `charge(activity)` gives
+    the time since the last charge to `activity`, so every moment counts once; time taken
+    inside it by `within` goes to that other activity instead."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = dict.fromkeys(ACTIVITIES, 0.0)
+        self._last = time.perf_counter()
+        self._moved: dict[str, float] = {}
+
+    def charge(self, activity: str) -> None:
+        now = time.perf_counter()
+        moved = sum(self._moved.values())
+        self.seconds[activity] += now - self._last - moved
+        for k, v in self._moved.items():
+            self.seconds[k] += v
+        self._moved.clear()
+        self._last = now
+
+    @contextmanager
+    def within(self, activity: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._moved[activity] = self._moved.get(activity, 0.0) + time.perf_counter() - t0
+
+
+class Sender:
+    """Publishes in a background thread, in order, so that compute never waits on a send
+    (spooling, hashing, rate limits, a torrent to seed). `busy` sums the seconds spent
+    publishing (the time the node's uplink carried its payloads); an error is raised
+    on the compute thread by `check`."""
+
+    def __init__(self, transport, uid: int):
+        self.transport = transport
+        self.busy = 0.0
+        self.error: Optional[BaseException] = None
+        self._jobs: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name=f"split-send-{uid}", daemon=True)
+        self._thread.start()
+
+    def publish(self, key: str, tensors: dict[str, torch.Tensor], to: list[int], header: dict | None = None) -> None:
+        self.check()
+        self._jobs.put((key, tensors, to, dict(header or {})))
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self.error is None:
+                    key, tensors, to, header = job
+                    t0 = time.perf_counter()
+                    header["sent"] = time.time()
+                    self.transport.publish(key, tensors, to=to, header=header)
+                    self.busy += time.perf_counter() - t0
+            except BaseException as e:  # noqa: BLE001 - raised on the compute thread
+                self.error = e
+            finally:
+                self._jobs.task_done()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def flush(self, timeout: float) -> None:
+        """Wait (at most `timeout` s) until everything queued is published."""
+        deadline = time.monotonic() + timeout
+        while self._jobs.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.check()
+        if self._jobs.unfinished_tasks:
+            raise SplitError(f"sends still queued after {timeout:g} s (communication.timeout)")
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=5)
 
 
 @NODES.register("split")
 class SplitNode(Node):
-    """Runs its row of the stage configuration; see the module docstring."""
+    """Runs its client's actions of the pipeline schedule; see the module docstring."""
 
     def __init__(self, context):
         super().__init__(context)
@@ -141,28 +310,46 @@ class SplitNode(Node):
         self.device = context.get("device", "cpu")
         self.aggregation = context["sharing"].aggregate_fn  # replica sync across clients (sharing.aggregator)
         self.steps_per_round, period = context["timeline"] if "timeline" in context else split_timeline(cfg)
-        self.plan = SplitPlan(self.stages, self.client, sp.micro_batches, sp.sync, period, relay=sp.mode == "relay")
-        self.replicas = {
-            (o, p): Replica(o, p, copy.deepcopy(parts[p - 1]), cfg.optimizer) for o, p in self.plan.hosted
-        }
-        self.sampler = batch_sampler(cfg, self.uid, len(self.data.train_y))
-        if sp.micro_batches > self.sampler.batch_size:
+        self.schedule: PipelineSchedule = context.get("schedule") or build_schedule(cfg, self.stages, period)
+        self.plan = self.schedule.plans[self.client]
+        self.training = context.get("training")
+        make_opt = self.training.make_optimizer if self.training is not None else (
+            lambda params: build_optimizer(cfg.optimizer, params))
+        self.replicas = {}
+        for o, p in self.plan.hosted:
+            module = copy.deepcopy(parts[p - 1])
+            self.replicas[(o, p)] = Replica(o, p, module, make_opt(module.parameters()))
+        self.sampler = self.training.make_sampler(drop_last=False) if self.training is not None else None
+        self.trains = self.client in self.plan.trainers
+        if self.trains and sp.micro_batches > self.sampler.batch_size:
             raise SplitError(
                 f"{cfg.path or '<config>'}: section 'split': key 'micro_batches' is {sp.micro_batches}, more than "
                 f"node {self.uid}'s batch of {self.sampler.batch_size} samples")
+        self.role = ("server" if self.uid == sp.server else "device") if sp.server is not None else "client"
         self.shapes, self.dtype = self._feature_shapes()
         self.sync_expect = {p: describe(float_state(parts[p - 1])) for p in self.plan.partitions}
-        self.loss_fn = nn.CrossEntropyLoss()
-        self.queue = DataflowQueue()
+        self.queue = DataflowQueue(strict=self.plan.strict)
         for tok in self.plan.initial_tokens():
             self.queue.produce(tok)
         self.inbox: dict[Token, Any] = {}
+        self.outbox: dict[Token, torch.Tensor] = {}
         self.saved: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.shares: dict[tuple[int, int], tuple[dict[str, torch.Tensor], int]] = {}
         self.batches: dict[int, list[torch.Tensor]] = {}
+        self.batch_sizes: dict[int, int] = {}
         self.losses: dict[int, float] = {}
+        self.trained = torch.zeros(len(self.data.train_y), dtype=torch.int64)  # times each sample was trained on
         self.round = 0
         self.first_step = 0
+        self.clock = Clock()
+        self.totals: dict[str, float] = defaultdict(float)
+        self.last_test: dict[str, float] = {}
+        self.sender: Optional[Sender] = None
+        self.arrivals: "queue.Queue[tuple]" = queue.Queue()
+        self._stop = threading.Event()
+        self._receiver: Optional[threading.Thread] = None
+        self._download = 0.0
+        self._upload_seen = 0.0
 
     # the launcher's hooks ----------------------------------------------------------------
     @classmethod
@@ -173,9 +360,57 @@ class SplitNode(Node):
 
     @classmethod
     def prepare(cls, cfg, dataset=None) -> dict[str, Any]:
-        """The stage mapping (parsed and validated once), its peer graph and the timeline."""
+        """Resolve ``split: auto`` and ``micro_batches: auto`` with the profiler (the choice is
+        written into the config, so every machine must agree on it), then the stage mapping
+        (parsed and validated once), its peer graph, the timeline, and the pipeline schedule,
+        dry-run for every distinct step of the run before anything trains."""
+        sp = cfg.split
+        if sp.split == "auto" or sp.micro_batches == "auto":
+            from .split_profile import resolve_auto
+
+            resolve_auto(cfg, dataset)
         m = stage_mapping(cfg)
-        return {"graph": cls.topology(cfg, m), "stages": m, "timeline": split_timeline(cfg, dataset)}
+        steps, period = split_timeline(cfg, dataset)
+        schedule = build_schedule(cfg, m, period)
+        schedule.check(range(steps * cfg.run.rounds))
+        return {"graph": cls.topology(cfg, m), "stages": m, "timeline": (steps, period), "schedule": schedule}
+
+    @classmethod
+    def data_shard(cls, cfg, uid: int) -> tuple[int, int] | None:
+        return data_shard_of(cfg, uid)
+
+    @classmethod
+    def check_config(cls, cfg) -> str | None:
+        sp, n = cfg.split, cfg.num_nodes
+        if sp.schedule not in SCHEDULES:
+            return (f"section 'split': key 'schedule': unknown schedule {sp.schedule!r}; "
+                    f"known: {', '.join(SCHEDULES.names())}")
+        if (sp.split == "auto" or sp.micro_batches == "auto") and cfg.run.machines > 1:
+            return ("section 'split': keys 'split'/'micro_batches': auto is chosen by profiling one machine; with "
+                    "several machines set them (dflsplit profile CONFIG prints the choice)")
+        if cfg.training.name != "local_sgd":
+            return (f"section 'training': key 'name': split nodes run their own steps (local_sgd's sampler and "
+                    f"optimizer); training {cfg.training.name!r} is for gossip and federated nodes")
+        if sp.server is None:
+            if sp.aggregation_frequency is not None:
+                return "section 'split': key 'aggregation_frequency' is for the device/server mode (set 'server')"
+            if sp.split == "auto":
+                return "section 'split': key 'split': auto is for the device/server mode (set 'server')"
+            return None
+        if not 0 <= sp.server < n:
+            return f"section 'split': key 'server': uid {sp.server} is not a node of the run (uids 0..{n - 1})"
+        if n < 2:
+            return "section 'split': key 'server': the device/server mode needs the server and at least one device"
+        if sp.stages is not None or sp.stages_file is not None:
+            return "section 'split': key 'server' generates the stage configuration; unset 'stages' and 'stages_file'"
+        if sp.mode != "parallel":
+            return "section 'split': key 'mode': the device/server mode trains every device every step (parallel)"
+        P = model_partitions(cfg)
+        if sp.split != "auto" and not (sp.split == -1 or 1 <= sp.split <= P - 2):
+            valid = "-1" + (f" or 1..{P - 2}" if P > 2 else "")
+            return (f"section 'split': key 'split': {sp.split} is not a device/server split of model "
+                    f"{cfg.model.name!r} ({P} partitions): expected {valid} or auto")
+        return None
 
     def peers(self) -> list[int]:
         """Everyone this node exchanges with: pipeline neighbours, sync partners, and the
@@ -200,85 +435,158 @@ class SplitNode(Node):
         self.model.train(was)
         return shapes, next(self.model.parameters()).dtype
 
+    # lifecycle ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.sender = Sender(self.transport, self.uid)
+        self._receiver = threading.Thread(target=self._receive_loop, name=f"split-recv-{self.uid}", daemon=True)
+        self._receiver.start()
+        try:
+            super().run()
+            self.sender.flush(self.cfg.communication.timeout)
+            self._write_results_csv()
+        finally:
+            self._stop.set()
+            self.sender.close()
+            self._receiver.join(timeout=5)
+        if self.cfg.split.save_model:
+            self.save_model("split_model")
+
     # one round ---------------------------------------------------------------------------------
     def run_round(self, round_: int) -> dict:
         self.round = round_
         S = self.steps_per_round
         self.first_step = t0 = round_ * S
         steps = range(t0, t0 + S)
+        self.clock = clock = Clock()
+        start = time.perf_counter()
+        peak = 0
         for t in steps:
-            if self.client in self.plan.active(t):
-                self.batches[t] = list(torch.tensor_split(self.sampler.next(), self.plan.M))
+            if self.trains and self.client in self.plan.active(t):
+                batch = self.sampler.next()
+                self.batches[t] = list(torch.tensor_split(batch, self.plan.M))
+                self.batch_sizes[t] = len(batch)
                 self.losses[t] = 0.0
         for t in steps:
-            self.queue.add_all(self.plan.step(t))
+            self.queue.add_all(self.schedule.ordered(self.client, t))
+        clock.charge("data_load")  # the round's batches drawn and its actions queued
         timeout = self.cfg.communication.timeout
         deadline = time.monotonic() + timeout
         while len(self.queue):
+            self.sender.check()
+            self._take_arrivals(None)
+            clock.charge("receive")
             action = self.queue.pop()
             if action is not None:
                 self._run(action)
-            elif not self._wait(deadline):
+                clock.charge(ACTIVITY[action.kind])
+                peak = max(peak, len(self.saved))
+                deadline = time.monotonic() + timeout
                 continue
-            deadline = time.monotonic() + timeout
+            if self._take_arrivals(deadline):
+                deadline = time.monotonic() + timeout
+            clock.charge("idle")
+        wall = time.perf_counter() - start
         self.queue.forget(t0 + S)
         self.batches.clear()
+        self.batch_sizes.clear()
         losses = [self.losses.pop(t) for t in steps if t in self.losses]
-        record = {"steps_trained": len(losses)}
-        if losses:  # an owner waiting for its turn (relay) has no training loss this round
+        record: dict[str, Any] = {"steps_trained": len(losses), "role": self.role}
+        if losses:  # an owner waiting for its turn (relay) or a server has no training loss this round
             record["train_loss"] = sum(losses) / len(losses)
+        record.update(self._round_metrics(wall, peak))
         return record
 
+    def _round_metrics(self, wall: float, peak: int) -> dict[str, Any]:
+        sec = self.clock.seconds
+        compute = sum(sec[k] for k in COMPUTE)
+        comm = sum(sec[k] for k in COMMUNICATION)
+        upload = self.sender.busy - self._upload_seen
+        self._upload_seen = self.sender.busy
+        out = {f"{k}_seconds": sec[k] for k in ACTIVITIES}
+        out.update(compute_seconds=compute, comm_wait_seconds=comm, train_seconds=wall,
+                   accounted=(compute + comm + sec["idle"]) / wall if wall > 0 else 1.0,
+                   upload_seconds=upload, download_seconds=self._download, peak_activations=peak,
+                   **self.holdings())
+        if len(self.trained):
+            out["sample_counts"] = [int(self.trained.min()), int(self.trained.max())]
+        for k in ACTIVITIES:
+            self.totals[k] += sec[k]
+        self.totals.update(train=self.totals["train"] + wall, upload=self.totals["upload"] + upload,
+                           download=self.totals["download"] + self._download,
+                           peak=max(self.totals["peak"], peak))
+        self._download = 0.0
+        return out
+
+    def holdings(self, suffix: str = "") -> dict[str, int]:
+        """What this node still holds: payloads of its own steps (inbox, outbox, saved
+        activations, shares; 0 after a round), messages in the transport's mailbox (peers'
+        early messages of the next round or the evaluation may be there during a run) and
+        bytes in the transport's spool (torrents kept for retention_rounds)."""
+        return {("held" + suffix if suffix else "held_payloads"):
+                len(self.inbox) + len(self.outbox) + len(self.saved) + len(self.shares),
+                ("mailbox" + suffix if suffix else "mailbox_messages"): len(getattr(self.transport, "mailbox", ())),
+                ("spool" + suffix + "_bytes" if suffix else "spool_bytes"):
+                _folder_bytes(getattr(self.transport, "spool", None))}
+
     def _run(self, a: Action) -> None:
-        """Run one action and route what it yields (`SplitPlan.outputs`): tokens for this
-        client go to the queue (payloads to the inbox), the others are published. Handlers
-        return {token: payload}, a payload being a tensor (activation, gradient) or
-        (tensors, header) (a synchronisation share)."""
-        handler = {"fwd": self._forward, "bwd": self._backward, "step": self._step, "send": self._send, "end": self._end}
-        payloads = handler[a.kind](a) or {}
-        remote: dict[Token, list[int]] = defaultdict(list)
+        """Run one action: its handler, then the tokens it makes here (what goes to another
+        client leaves through a send or a share)."""
+        handler = {"fwd": self._forward, "bwd": self._backward, "send": self._send, "recv": self._recv,
+                   "step": self._step, "share": self._share_out, "sync": self._sync}
+        if a.kind in ("send", "recv"):
+            handler[a.kind](a)
+        else:  # compute: with a core of the process (several nodes per process), never while waiting
+            with self.compute:
+                handler[a.kind](a)
         for tok, dest in self.plan.outputs(a):
             if dest == self.client:
-                if tok in payloads:
-                    self.inbox[tok] = payloads[tok]
                 self.queue.produce(tok)
-            else:
-                remote[tok].append(client_to_uid(dest))
-        for tok, to in remote.items():
-            value = payloads[tok]
-            tensors, header = ({"x": value}, {}) if isinstance(value, torch.Tensor) else value
-            self.transport.publish(PREFIX + "/".join(map(str, tok)), tensors, to=to, header=header)
+
+    def _hand_on(self, token: Token, value: torch.Tensor, dest: int) -> None:
+        """A pass's result for the next one: here (inbox) or to send (outbox)."""
+        (self.inbox if dest == self.client else self.outbox)[token] = value
 
     # actions -------------------------------------------------------------------------------------
-    def _forward(self, a: Action) -> dict:
+    def _forward(self, a: Action) -> None:
         t, o, p, m = a.step, a.owner, a.partition, a.micro
         rep = self.replicas[(o, p)]
         if p == 1:
-            x = self.data.train_x[self.batches[t][m]]
+            idx = self.batches[t][m]
+            with self.clock.within("data_load"):
+                x = self.data.train_x[idx]
+            self.trained[idx] += 1
         else:
             x = self.inbox.pop(("act", t, o, p, m)).requires_grad_(True)
         rep.samples += x.shape[0]
         out = activation_checkpoint(rep.module, x, use_reentrant=False) if self.cfg.split.checkpoint else rep.module(x)
         if p < self.P:
             self.saved[(t, o, p, m)] = (x, out)
-            return {("act", t, o, p + 1, m): out.detach()}
-        idx, batch = self.batches[t][m], sum(len(b) for b in self.batches[t])
-        loss = self.loss_fn(out, self.data.train_y[idx]) * (len(idx) / batch)
+            self._hand_on(("act", t, o, p + 1, m), out.detach(), self.stages.runner(o, p + 1))
+            return
+        idx = self.batches[t][m]
+        loss = nn.functional.cross_entropy(out, self.data.train_y[idx], reduction="sum") / self.batch_sizes[t]
         self.losses[t] += loss.item()
         self.saved[(t, o, p, m)] = (x, loss)
-        return {}
 
-    def _backward(self, a: Action) -> dict:
+    def _backward(self, a: Action) -> None:
         t, o, p, m = a.step, a.owner, a.partition, a.micro
         x, out = self.saved.pop((t, o, p, m))
         if p == self.P:
             out.backward()
         else:
             out.backward(self.inbox.pop(("grad", t, o, p, m)))
-        if p == 1:
-            return {}
-        g = x.grad if x.grad is not None else torch.zeros_like(x)
-        return {("grad", t, o, p - 1, m): g}
+        if p > 1:
+            g = x.grad if x.grad is not None else torch.zeros_like(x)
+            self._hand_on(("grad", t, o, p - 1, m), g, self.stages.runner(o, p - 1))
+
+    def _send(self, a: Action) -> None:
+        tok = (a.what, a.step, a.owner, a.partition, a.micro)
+        value = self.outbox.pop(tok)
+        self.sender.publish(PREFIX + "/".join(map(str, tok)), {"x": value}, [client_to_uid(a.peer)])
+
+    def _recv(self, a: Action) -> None:
+        tok = (a.what, a.step, a.owner, a.partition, a.micro)
+        self.inbox[tok] = self.inbox.pop((f"net_{a.what}",) + tok[1:]).to(self.device)
 
     def _step(self, a: Action) -> None:
         rep = self.replicas[(a.owner, a.partition)]
@@ -292,16 +600,18 @@ class SplitNode(Node):
         weights = [r.samples / n for r in reps] if n else [1 / len(reps)] * len(reps)
         return weighted_average([float_state(r.module) for r in reps], weights), n
 
-    def _send(self, a: Action) -> dict:
+    def _share_out(self, a: Action) -> None:
         share, n = self._share(a.partition)
         self.shares[(a.step, a.partition)] = (share, n)
+        partners = self.plan.partners[a.partition]
         if self.attacks_messages:  # a Byzantine runner: its replica update is the attack's (it keeps its own)
-            partners = self.plan.partners[a.partition]
             f = len(({client_to_uid(r) for r in partners} | {self.uid}) & self.cfg.byzantine)
             share = self.craft(share, [share], len(partners) + 1, f, a.step)
-        return {("sync", a.step, a.partition, self.client): (share, {"samples": n})}
+        key = f"{PREFIX}sync/{a.step}/{a.partition}/{self.client}"
+        self.sender.publish(key, {k: v.clone() for k, v in share.items()}, [client_to_uid(r) for r in partners],
+                            {"samples": n})
 
-    def _end(self, a: Action) -> None:
+    def _sync(self, a: Action) -> None:
         t, p = a.step, a.partition
         reps = [self.replicas[(o, p)] for o in self.plan.local_owners[p]]
         if not self.plan.syncs_at(t):
@@ -311,6 +621,12 @@ class SplitNode(Node):
             reps[0].samples = 0
             return
         own = self.shares.pop((t, p), None) or self._share(p)
+        if self.plan.star(p) and self.client != self.plan.hub:  # a spoke: the hub's average
+            new = self.inbox.pop(("avg", t, p))
+            for rep in reps:
+                rep.module.load_state_dict(new, strict=False)
+                rep.samples = 0
+            return
         shares = {self.client: own}
         for r in partners:
             shares[r] = self.inbox.pop(("sync", t, p, r))
@@ -326,32 +642,68 @@ class SplitNode(Node):
         total = sum(shares[i][1] for i in ids)
         weights = [shares[i][1] / total for i in ids] if total else [1 / len(ids)] * len(ids)
         new = self.aggregation([shares[i][0] for i in ids], weights)
+        if self.plan.star(p):  # the hub: the average goes back to every spoke
+            self.sender.publish(f"{PREFIX}avg/{t}/{p}", {k: v.clone() for k, v in new.items()},
+                                [client_to_uid(r) for r in partners])
         for rep in reps:
             rep.module.load_state_dict(new, strict=False)
             rep.samples = 0
 
-    # receiving -------------------------------------------------------------------------------------
-    def _wait(self, deadline: float) -> bool:
-        """Take one split message (waiting until `deadline` at most) and make its token
-        available; False when the message was dropped (wrong sender, step, shape, duplicate)."""
-        left = deadline - time.monotonic()
-        try:
-            if left <= 0:
-                raise PeerTimeout([], PREFIX + "*", self.cfg.communication.timeout, self.uid)
-            msg = self.transport.receive_any(timeout=left, prefix=PREFIX)
-        except PeerTimeout:
-            raise SplitTimeout(self._blocked_report()) from None
-        try:
-            tok, payload = self._accept(msg)
-        except (ValueError, PayloadMismatch) as e:
-            self.log.warning("node %d: dropped %r from node %d: %s", self.uid, msg.key, msg.sender, e)
-            return False
-        if self.queue.has(tok) or tok in self.inbox:
-            self.log.warning("node %d: dropped a duplicate %r from node %d", self.uid, msg.key, msg.sender)
-            return False
-        self.inbox[tok] = payload
-        self.queue.produce(tok)
-        return True
+    # receiving (background) ----------------------------------------------------------------------
+    def _receive_loop(self) -> None:
+        """Take split messages as they arrive, check them against the schedule, and hand
+        them to the compute thread with their transfer time (or the error that ends the node)."""
+        while not self._stop.is_set():
+            try:
+                msg = self.transport.receive_any(timeout=0.2, prefix=PREFIX)
+            except PeerTimeout:
+                continue
+            except PayloadRejected as e:
+                self.log.warning("node %d: %s", self.uid, e)
+                continue
+            except CommError as e:
+                if not self._stop.is_set():
+                    self.arrivals.put(("error", e))
+                return
+            arrived = time.time()
+            try:
+                tok, payload = self._accept(msg)
+            except (ValueError, PayloadMismatch) as e:
+                self.log.warning("node %d: dropped %r from node %d: %s", self.uid, msg.key, msg.sender, e)
+                continue
+            sent = msg.header.get("sent")
+            latency = arrived - sent if isinstance(sent, (int, float)) and not isinstance(sent, bool) else 0.0
+            self.arrivals.put((tok, payload, max(0.0, latency)))
+
+    def _take_arrivals(self, deadline: Optional[float]) -> bool:
+        """Make the arrived messages' tokens available: those there now (`deadline` None), or
+        at least one, waiting until `deadline` (time.monotonic; SplitTimeout past it).
+        True when something arrived."""
+        got = False
+        while True:
+            try:
+                if deadline is None or got:
+                    item = self.arrivals.get_nowait()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise SplitTimeout(self._blocked_report())
+                    item = self.arrivals.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                if deadline is None or got:
+                    return got
+                self.sender.check()
+                continue
+            if item[0] == "error":
+                raise item[1]
+            tok, payload, latency = item
+            if self.queue.has(tok) or tok in self.inbox:
+                self.log.warning("node %d: dropped a duplicate %r", self.uid, tok)
+                continue
+            self.inbox[tok] = payload
+            self._download += latency
+            self.queue.produce(tok)
+            got = True
 
     def _accept(self, msg) -> tuple[Token, Any]:
         """Check a message against the schedule (right sender, step, shapes); (token, payload)."""
@@ -376,9 +728,11 @@ class SplitNode(Node):
                 raise ValueError(f"expected from client {src} to client {m.runner(o, p)}")
             x = msg.tensors.get("x")
             shape = self.shapes[p - 1] if kind == "act" else self.shapes[p]
-            if set(msg.tensors) != {"x"} or x.dtype != self.dtype or tuple(x.shape[1:]) != shape or x.ndim != len(shape) + 1:
-                raise ValueError(f"expected one tensor 'x' of shape (batch, {', '.join(map(str, shape))}) and dtype {self.dtype}")
-            return (kind, *ints), x.to(self.device)
+            if (set(msg.tensors) != {"x"} or x.dtype != self.dtype or tuple(x.shape[1:]) != shape
+                    or x.ndim != len(shape) + 1):
+                raise ValueError(f"expected one tensor 'x' of shape (batch, {', '.join(map(str, shape))}) "
+                                 f"and dtype {self.dtype}")
+            return (f"net_{kind}", *ints), x
         if kind == "sync" and len(ints) == 3:
             t, p, r = ints
             if r != sender or r not in self.plan.partners.get(p, ()):
@@ -388,6 +742,12 @@ class SplitNode(Node):
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ValueError("header 'samples' must be an integer >= 0")
             return (kind, *ints), ({k: v.to(self.device) for k, v in msg.tensors.items()}, n)
+        if kind == "avg" and len(ints) == 2:
+            t, p = ints
+            if sender != self.plan.hub or not self.plan.star(p) or self.client == self.plan.hub:
+                raise ValueError(f"client {sender} is not the hub that averages partition {p} for client {self.client}")
+            check_payload(msg, self.sync_expect[p])
+            return (kind, *ints), {k: v.to(self.device) for k, v in msg.tensors.items()}
         raise ValueError("unknown kind of split message")
 
     def _blocked_report(self) -> str:
@@ -408,17 +768,72 @@ class SplitNode(Node):
         r, me = self.round, self.client
         for (o, p), rep in self.replicas.items():
             if o != me:
-                self.transport.publish(f"{EVAL_PREFIX}{r}/{o}/{p}", rep.module.state_dict(), to=[client_to_uid(o)])
+                state = {k: v.detach().clone() for k, v in rep.module.state_dict().items()}
+                self.sender.publish(f"{EVAL_PREFIX}{r}/{o}/{p}", state, [client_to_uid(o)])
         for p, part in enumerate(self.model.children(), 1):
             runner = self.stages.runner(me, p)
             if runner == me:
                 state = self.replicas[(me, p)].module.state_dict()
             else:
-                msg = self.transport.receive(f"{EVAL_PREFIX}{r}/{me}/{p}", client_to_uid(runner), expect=describe(part.state_dict()))
+                msg = self.transport.receive(f"{EVAL_PREFIX}{r}/{me}/{p}", client_to_uid(runner),
+                                             expect=describe(part.state_dict()))
                 state = msg.tensors
             part.load_state_dict(state)
 
-    def run(self) -> None:
-        super().run()
-        if self.cfg.split.save_model:
-            self.save_model("split_model")
+    def test(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        out = super().test()
+        self.totals["eval"] += time.perf_counter() - t0
+        self.last_test = out
+        return out
+
+    # results.csv --------------------------------------------------------------------------------------
+    def results_row(self) -> dict[str, Any]:
+        """This node's row of results.csv: totals over the run (seconds, MB, accuracy)."""
+        tot = self.totals
+        traffic = self.traffic()
+        sent, received = traffic["bytes_sent"] / 1e6, traffic["bytes_received"] / 1e6
+        compute = sum(tot[k] for k in COMPUTE)
+        comm = sum(tot[k] for k in COMMUNICATION)
+        train = tot["train"]
+        row = {
+            "node": self.uid, "role": self.role, "rounds": self.cfg.run.rounds,
+            "steps": self.steps_per_round * self.cfg.run.rounds, "samples": int(self.trained.sum()),
+            **{f"{k}_s": tot[k] for k in ACTIVITIES}, "compute_s": compute, "comm_wait_s": comm, "train_s": train,
+            "accounted_pct": 100 * (compute + comm + tot["idle"]) / train if train else 100.0,
+            "upload_s": tot["upload"], "download_s": tot["download"], "eval_s": tot["eval"],
+            "total_s": train + tot["eval"], "mb_sent": sent, "mb_received": received,
+            "mb_communicated": sent + received, "peak_activations": int(tot["peak"]),
+            "test_loss": self.last_test.get("test_loss"), "test_acc": self.last_test.get("test_acc"),
+            **self.holdings("_end"),
+        }
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+
+    def _write_results_csv(self) -> None:
+        """Append this node's row to results.csv in the machine's results folder (a lock keeps
+        the nodes' rows whole; the first writer writes the header)."""
+        path = Path(self.ctx.get("run_dir", ".")) / "results.csv"
+        with open(path, "a", newline="") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+                if os.fstat(f.fileno()).st_size == 0:  # under the lock: the first writer writes the header
+                    writer.writeheader()
+                writer.writerow(self.results_row())
+                f.flush()
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _folder_bytes(folder) -> int:
+    """Bytes of the files under `folder` (0 when there is none)."""
+    if folder is None or not os.path.isdir(folder):
+        return 0
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total

@@ -1,30 +1,42 @@
-"""Split-learning schedules as data, and the dataflow queue that runs them.
+"""Split-learning schedules as data: each client's ordered actions of a step, and the
+dataflow queue that runs them.
 
-In the manner of ``torch.distributed.pipelining``, what a client does in one training step
-is data: a list of `Scheduled` entries, each an `Action`, the tokens it requires and its
-priority (`SplitPlan.step`). An executor (the `split` node) adds them to a
-`DataflowQueue`, runs the ready action of lowest priority, and produces the tokens the
-action yields (`SplitPlan.outputs`), locally or by sending them to another client. The
-partitions know nothing of the schedule.
+A step of client c, for a stage mapping and M micro-batches, is a list of actions:
 
-Ids follow the stage format: clients, owners and partitions are 1-based.
+* ``fwd`` / ``bwd`` (o, p, m): forward / backward of owner o's partition p on micro-batch m;
+* ``send`` / ``recv`` (o, p, m) of an ``act`` (the input of partition p) or a ``grad`` (the
+  gradient of partition p's output) to / from client ``peer``;
+* ``step`` (o, p): the optimizer step of replica (o, p), after its M backwards;
+* ``share`` (p): this client's share of partition p, to its sync partners;
+* ``sync`` (p): replica sync of partition p (combine the shares), closing step t for it;
+  with ``star`` sync the hub combines and sends the result back (``avg``).
 
-Actions of step t on a client (M micro-batches m = 0..M-1):
+Each action waits for *tokens* (tuples whose first two items are (kind, step)): ``ver``
+(t, o, p) a replica up to date, ``act`` / ``grad`` (t, o, p, m) an input at hand,
+``net_act`` / ``net_grad`` the message carrying one arrived, ``fwd`` / ``bwd`` (t, o, p, m)
+a pass done, ``stepped``, ``shared``, ``sync`` (t, p, r) client r's share arrived, ``avg``
+(t, p) the hub's combined partition arrived.
 
-* ``fwd`` (o, p, m): forward of owner o's partition p. Requires ``ver`` (t, o, p) (the
-  replica is up to date) and, for p > 1, ``act`` (t, o, p, m) (its input).
-* ``bwd`` (o, p, m): backward of partition p. Requires ``fwd`` (t, o, p, m) (its autograd
-  graph) and, for p < P, ``grad`` (t, o, p, m) (gradient of its output).
-* ``step`` (o, p): optimizer step of replica (o, p) after every micro-batch's ``bwd``.
-* ``send`` (p): send this client's share of partition p to its sync partners.
-* ``end`` (p): close step t for every replica of p here (average them with the received
-  shares when the step synchronises); yields ``ver`` (t+1, o, p).
+A schedule class (``SCHEDULES``) shapes the order, as torch.distributed.pipelining does:
 
-Tokens are tuples whose first two items are (kind, step). Row order is the priority:
-``(t, 1, row position, m)`` for row tasks; ``(t, 0, ...)`` for the bookkeeping actions, which
-unblock others. Data dependencies form chains within one step and every edge between
-steps goes forwards in time, so running any ready action never deadlocks, whatever the
-row orders (``dry_run`` executes the schedules of all clients symbolically).
+* ``gpipe``: all forwards, then all backwards (M activations of a partition alive at once);
+* ``1f1b``: a partition's forward of micro-batch m waits for its backward of m - D, where D
+  is the pipeline depth from that partition on (the number of consecutive runs of
+  partitions on one client from it to the last): at most D micro-batches in flight, so
+  fewer activations are alive; backwards go first when both are ready.
+
+`PipelineSchedule` turns the plans of all clients into each client's ordered list of a
+step: a symbolic run of every client (each runs one ready action per tick, the
+schedule's preference first; messages arrive the next tick) records the order in which
+each client ran its actions. That run is the dry run: it proves the step cannot deadlock,
+and names what waits for what from whom when it would. The executor (`split.SplitNode`)
+runs the lists: with ``order: relaxed`` any action whose tokens are there, the list's
+order as priority; with ``order: strict`` the list in order, each action waiting for its
+predecessor. A strict list also keeps, for every micro-batch, the row order of the
+stage configuration, so rule 6 (strict) of the stage validator is exactly the condition
+for it to exist. Every dependency between steps goes forwards in time (a replica's sync
+at step t before its forwards of step t+1), so steps that complete one by one complete
+together.
 """
 
 from __future__ import annotations
@@ -35,34 +47,67 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Literal, Optional
 
+from ..registry import Registry
+
 Token = tuple
-ActionKind = Literal["fwd", "bwd", "step", "send", "end"]
-SyncMode = Literal["fedavg", "gossip", "none"]
+ActionKind = Literal["fwd", "bwd", "send", "recv", "step", "share", "sync"]
+SyncMode = Literal["fedavg", "gossip", "star", "none"]
 
 
 @dataclass(frozen=True)
 class Action:
     """One unit of work of a client: `kind` at `step` for owner `owner` (0 for the
-    partition-level ``send`` and ``end``), partition `partition`, micro-batch `micro`."""
+    partition-level ``share`` and ``sync``), partition `partition`, micro-batch `micro`;
+    a ``send`` / ``recv`` moves `what` (``act``: the input of `partition`; ``grad``: the
+    gradient of `partition`'s output) to / from client `peer`."""
 
     kind: ActionKind
     step: int
     owner: int
     partition: int
     micro: int = 0
+    what: str = ""
+    peer: int = 0
+
+    def task(self, num_partitions: int) -> str:
+        """The stage task ``o_s`` this action runs or feeds (``''`` for partition-level ones)."""
+        o, p = self.owner, self.partition
+        if self.kind == "fwd" or (self.kind in ("send", "recv") and self.what == "act"):
+            return f"{o}_{p}"
+        if self.kind == "bwd" or self.kind in ("send", "recv"):
+            return f"{o}_{2 * num_partitions + 1 - p}"
+        return ""
 
     def describe(self, num_partitions: int) -> str:
-        """Human-readable, naming the task label ``o_s`` for row tasks."""
-        p, o, t = self.partition, self.owner, self.step
+        """Human-readable, naming the task label ``o_s`` and the step."""
+        p, o, t, m = self.partition, self.owner, self.step, self.micro
+        at = f"(step {t}, micro-batch {m})"
         if self.kind == "fwd":
-            return f"forward {o}_{p} (step {t}, micro-batch {self.micro})"
+            return f"forward {self.task(num_partitions)} {at}"
         if self.kind == "bwd":
-            return f"backward {o}_{2 * num_partitions + 1 - p} (step {t}, micro-batch {self.micro})"
+            return f"backward {self.task(num_partitions)} {at}"
+        if self.kind in ("send", "recv"):
+            thing = "activation into" if self.what == "act" else "gradient for"
+            verb, way = ("sending", "to") if self.kind == "send" else ("receiving", "from")
+            return f"{verb} the {thing} {self.task(num_partitions)} {at} {way} client {self.peer}"
         if self.kind == "step":
             return f"optimizer step of owner {o}'s partition {p} (step {t})"
-        if self.kind == "send":
+        if self.kind == "share":
             return f"sending partition {p} to its sync partners (step {t})"
-        return f"end of step {t} for partition {p}"
+        return f"replica sync of partition {p} (step {t})"
+
+    def label(self, num_partitions: int) -> str:
+        """Short form for action tables: ``F 1_2 #0``, ``B 1_7 #0``, ``->2 a1_3 #0`` (send the
+        activation into 1_3 to client 2), ``<-2 g1_6 #0``, ``step 1/2``, ``share 2``, ``sync 2``."""
+        m = self.micro
+        if self.kind in ("fwd", "bwd"):
+            return f"{'F' if self.kind == 'fwd' else 'B'} {self.task(num_partitions)} #{m}"
+        if self.kind in ("send", "recv"):
+            arrow = "->" if self.kind == "send" else "<-"
+            return f"{arrow}{self.peer} {self.what[0]}{self.task(num_partitions)} #{m}"
+        if self.kind == "step":
+            return f"step {self.owner}/{self.partition}"
+        return f"{self.kind} {self.partition}"
 
 
 @dataclass(frozen=True)
@@ -71,16 +116,16 @@ class Scheduled:
 
     action: Action
     requires: tuple[Token, ...]
-    priority: tuple[int, ...]
+    priority: tuple
 
 
 def describe_token(token: Token) -> str:
     """Human-readable description of what a token stands for."""
     kind, t = token[0], token[1]
-    if kind == "act":
+    if kind in ("act", "net_act"):
         _, _, o, p, m = token
         return f"activation into owner {o}'s partition {p} (step {t}, micro-batch {m})"
-    if kind == "grad":
+    if kind in ("grad", "net_grad"):
         _, _, o, p, m = token
         return f"gradient of owner {o}'s partition {p} output (step {t}, micro-batch {m})"
     if kind == "sync":
@@ -94,19 +139,23 @@ def describe_token(token: Token) -> str:
         return f"{what} of owner {o}'s partition {p} (step {t}, micro-batch {m})"
     if kind == "stepped":
         return f"optimizer step of owner {token[2]}'s partition {token[3]} (step {t})"
+    if kind == "shared":
+        return f"this client's share of partition {token[2]} (step {t})"
+    if kind == "avg":
+        return f"the averaged partition {token[2]} (step {t})"
     return f"{kind} {token[1:]}"
 
 
 def describe_blocked(blocked: dict[Action, set[Token]], num_partitions: int, limit: int, source=None) -> list[str]:
     """Lines naming waiting actions (given in priority order) and what they miss, the
-    likely root causes first: actions that wait only for other clients, those waiting
-    for an activation or gradient before those waiting for a sync share.
-    ``source(token)`` names the other client a token comes from (None: from here)."""
-    rank = {"act": 0, "grad": 0, "sync": 1}
+    likely root causes first: the earliest step's, then actions that wait only for other
+    clients, those waiting for an activation or gradient before those waiting for a sync
+    share. ``source(token)`` names the other client a token comes from (None: from here)."""
+    rank = {"net_act": 0, "net_grad": 0, "act": 0, "grad": 0, "sync": 1, "avg": 1}
 
-    def key(a: Action) -> tuple[bool, int]:
+    def key(a: Action) -> tuple[int, bool, int]:
         only_remote = all(source(t) for t in blocked[a]) if source else True
-        return (not only_remote, min(rank.get(t[0], 2) for t in blocked[a]))
+        return (a.step, not only_remote, min(rank.get(t[0], 2) for t in blocked[a]))
 
     order = sorted(blocked, key=key)
     lines = []
@@ -121,14 +170,85 @@ def describe_blocked(blocked: dict[Action, set[Token]], num_partitions: int, lim
     return lines
 
 
+# --------------------------------------------------------------------------- schedule classes
+
+SCHEDULES: Registry[type["Schedule"]] = Registry("schedule")
+
+# transfers first (they only hand data on), the optimizer step and the replica sync last
+_TRANSFER, _BOOKKEEPING = 0, 9
+
+
+class Schedule:
+    """A pipeline schedule: how many micro-batches a partition may hold in flight, and which
+    of a client's ready actions it prefers. Subclasses register in ``SCHEDULES``."""
+
+    name = ""
+
+    def in_flight(self, plan: "SplitPlan", owner: int, partition: int) -> Optional[int]:
+        """At most this many micro-batches between a forward of (owner, partition) and its
+        backward (None: no bound)."""
+        return None
+
+    def preference(self, action: Action, position: int) -> tuple:
+        """Sort key among a client's ready actions (lower first); `position`: the action's
+        task in the client's row."""
+        kind = action.kind
+        if kind in ("send", "recv"):
+            return (_TRANSFER, action.micro, position)
+        if kind in ("step", "share", "sync"):
+            return (_BOOKKEEPING, position, ("step", "share", "sync").index(kind))
+        return self.compute_preference(action, position)
+
+    def compute_preference(self, action: Action, position: int) -> tuple:
+        raise NotImplementedError
+
+
+@SCHEDULES.register("gpipe")
+class GPipe(Schedule):
+    """All forwards, then all backwards (GPipe): a ready forward goes before any backward."""
+
+    name = "gpipe"
+
+    def compute_preference(self, action: Action, position: int) -> tuple:
+        return (1 if action.kind == "fwd" else 2, action.micro, position)
+
+
+@SCHEDULES.register("1f1b")
+class OneFOneB(Schedule):
+    """One forward, one backward (PipeDream-flush): at most `depth` micro-batches in flight
+    per partition, a ready backward before a ready forward."""
+
+    name = "1f1b"
+
+    def in_flight(self, plan: "SplitPlan", owner: int, partition: int) -> Optional[int]:
+        return plan.depth(owner, partition)
+
+    def compute_preference(self, action: Action, position: int) -> tuple:
+        return (1 if action.kind == "bwd" else 2, action.micro, position)
+
+
+def get_schedule(name: str) -> Schedule:
+    """An instance of the schedule registered as `name` (KeyError names the known ones)."""
+    return SCHEDULES.get(name)()
+
+
+# --------------------------------------------------------------------------- one client's plan
+
+
 class SplitPlan:
-    """The schedule of one client, derived from a `StageMapping` and the sync settings.
+    """The actions of one client, derived from a `StageMapping`, the schedule and the sync
+    settings.
 
     ``sync``: ``fedavg`` averages a partition's replicas among all its runners,
-    ``gossip`` among runners that are neighbours in the peer graph, ``none`` never.
+    ``gossip`` among runners that are neighbours in the peer graph, ``star`` as fedavg
+    but through client ``hub`` (every runner sends its share to the hub, which combines
+    them and sends the result back: one upload per runner instead of one per partner),
+    ``none`` never.
     ``sync_period``: steps between synchronisations (at steps t with (t+1) % period == 0).
-    ``relay``: owners take turns of ``sync_period`` steps (owner ``(t // period) % N + 1``
-    trains at step t); with fedavg weighted by samples the trained weights pass on.
+    ``relay``: owners take turns of ``sync_period`` steps; with fedavg weighted by samples
+    the trained weights pass on. ``trainers``: the owners that hold data (default: all);
+    the others' pipelines never run (a device/server run's server). ``strict``: the list
+    keeps the row order for every micro-batch (``order: strict``).
     """
 
     def __init__(
@@ -139,9 +259,16 @@ class SplitPlan:
         sync: SyncMode = "fedavg",
         sync_period: int = 1,
         relay: bool = False,
+        schedule: str | Schedule = "gpipe",
+        strict: bool = False,
+        trainers: Optional[Iterable[int]] = None,
+        hub: Optional[int] = None,
     ):
         if micro_batches < 1 or sync_period < 1:
             raise ValueError("micro_batches and sync_period must be >= 1")
+        if sync == "star" and hub is None:
+            raise ValueError("star sync needs its hub client")
+        self.hub = hub
         self.stages = stages
         self.client = client
         self.P: int = stages.P
@@ -149,6 +276,10 @@ class SplitPlan:
         self.sync = sync
         self.sync_period = sync_period
         self.relay = relay
+        self.schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
+        self.strict = strict
+        n = stages.num_clients
+        self.trainers: list[int] = sorted(trainers) if trainers is not None else list(range(1, n + 1))
         self.row_pos = {task: i for i, task in enumerate(stages.tasks(client))}
         self.hosted: list[tuple[int, int]] = stages.hosted(client)
         self.local_owners: dict[int, list[int]] = defaultdict(list)
@@ -163,7 +294,19 @@ class SplitPlan:
             return []
         if self.sync == "gossip":
             runners &= set(self.stages.neighbors(self.client))
+        if self.star(p) and self.client != self.hub:
+            return [self.hub]
         return sorted(runners)
+
+    def star(self, p: int) -> bool:
+        """Whether partition p syncs through the hub (star sync, the hub one of its runners)."""
+        return self.sync == "star" and self.hub in self.stages.replicas(p).values()
+
+    def depth(self, owner: int, partition: int) -> int:
+        """Pipeline stages from `partition` of `owner` to the end: runs of consecutive
+        partitions on one client, counted from the one holding `partition`."""
+        runners = self.stages.runners[owner][partition - 1:]
+        return 1 + sum(1 for a, b in zip(runners, runners[1:]) if a != b)
 
     # timeline ---------------------------------------------------------------------------
     def syncs_at(self, t: int) -> bool:
@@ -171,31 +314,48 @@ class SplitPlan:
         return self.sync != "none" and (t + 1) % self.sync_period == 0
 
     def active(self, t: int) -> list[int]:
-        """Owners that train at step t (all of them unless ``relay``)."""
-        n = self.stages.num_clients
+        """Owners that train at step t (every trainer unless ``relay``)."""
         if self.relay:
-            return [(t // self.sync_period) % n + 1]
-        return list(range(1, n + 1))
+            return [self.trainers[(t // self.sync_period) % len(self.trainers)]]
+        return list(self.trainers)
 
-    # schedule -----------------------------------------------------------------------------
+    def signature(self, t: int) -> tuple:
+        """What step t's actions depend on besides t itself: steps of equal signature have
+        the same lists."""
+        return tuple(self.active(t)), self.syncs_at(t)
+
+    # actions --------------------------------------------------------------------------------
     def step(self, t: int) -> list[Scheduled]:
-        """This client's actions of step t, with requirements and priorities."""
+        """This client's actions of step t with their requirements, in a fixed structural
+        order; the priority is the schedule's preference (see `PipelineSchedule`)."""
         P, M, out = self.P, self.M, []
         active = set(self.active(t))
+        chain: dict[int, Token] = {}  # strict: micro-batch -> the previous row task's pass
         for (o, s), pos in self.row_pos.items():
             if o not in active:
                 continue
             p = self.stages.partition_of(s)
-            if s <= P:
-                for m in range(M):
-                    req = (("ver", t, o, p),) + ((("act", t, o, p, m),) if p > 1 else ())
-                    out.append(Scheduled(Action("fwd", t, o, p, m), req, (t, 1, pos, m)))
-            else:
-                for m in range(M):
-                    req = (("fwd", t, o, p, m),) + ((("grad", t, o, p, m),) if p < P else ())
-                    out.append(Scheduled(Action("bwd", t, o, p, m), req, (t, 1, pos, m)))
-                req = tuple(("bwd", t, o, p, m) for m in range(M))
-                out.append(Scheduled(Action("step", t, o, p), req, (t, 0, pos, M)))
+            forward = s <= P
+            bound = self.schedule.in_flight(self, o, p) if forward else None
+            for m in range(M):
+                if forward:
+                    a = Action("fwd", t, o, p, m)
+                    req = [("ver", t, o, p)] + ([("act", t, o, p, m)] if p > 1 else [])
+                    if bound is not None and m >= bound:
+                        req.append(("bwd", t, o, p, m - bound))
+                else:
+                    a = Action("bwd", t, o, p, m)
+                    req = [("fwd", t, o, p, m)] + ([("grad", t, o, p, m)] if p < P else [])
+                if self.strict and m in chain:
+                    req.append(chain[m])
+                chain[m] = (a.kind, t, o, p, m)
+                out.append(Scheduled(a, tuple(req), self.schedule.preference(a, pos)))
+                for b, need in self._transfers(a):
+                    out.append(Scheduled(b, need, self.schedule.preference(b, pos)))
+            if not forward:
+                a = Action("step", t, o, p)
+                out.append(Scheduled(a, tuple(("bwd", t, o, p, m) for m in range(M)),
+                                     self.schedule.preference(a, pos)))
         sync = self.syncs_at(t)
         for p in self.partitions:
             owners = self.local_owners[p]
@@ -203,40 +363,76 @@ class SplitPlan:
             stepped = tuple(("stepped", t, o, p) for o in owners if o in active)
             last = max((self.row_pos[(o, 2 * P + 1 - p)] for o in owners), default=0)
             req = versions + stepped
-            if sync and self.partners[p]:
-                out.append(Scheduled(Action("send", t, 0, p), req, (t, 0, last, M + 1)))
-                req += (("sent", t, p),) + tuple(("sync", t, p, r) for r in self.partners[p])
-            out.append(Scheduled(Action("end", t, 0, p), req, (t, 0, last, M + 2)))
+            hub = self.star(p) and self.client == self.hub
+            if sync and self.partners[p] and not hub:
+                a = Action("share", t, 0, p)
+                out.append(Scheduled(a, req, self.schedule.preference(a, last)))
+                if self.star(p):  # a spoke: the hub's result
+                    req += (("shared", t, p), ("avg", t, p))
+                else:
+                    req += (("shared", t, p),) + tuple(("sync", t, p, r) for r in self.partners[p])
+            elif sync and hub:  # the hub: every spoke's share
+                req += tuple(("sync", t, p, r) for r in self.partners[p])
+            a = Action("sync", t, 0, p)
+            out.append(Scheduled(a, req, self.schedule.preference(a, last)))
+        return out
+
+    def _transfers(self, a: Action) -> list[tuple[Action, tuple[Token, ...]]]:
+        """The sends a pass feeds and the receives it waits on, with their requirements."""
+        t, o, p, m, P, me = a.step, a.owner, a.partition, a.micro, self.P, self.client
+        runner = self.stages.runner
+        out = []
+        if a.kind == "fwd":
+            if p > 1 and (src := runner(o, p - 1)) != me:
+                out.append((Action("recv", t, o, p, m, "act", src), (("net_act", t, o, p, m),)))
+            if p < P and (dst := runner(o, p + 1)) != me:
+                out.append((Action("send", t, o, p + 1, m, "act", dst), (("fwd", t, o, p, m),)))
+        else:
+            if p < P and (src := runner(o, p + 1)) != me:
+                out.append((Action("recv", t, o, p, m, "grad", src), (("net_grad", t, o, p, m),)))
+            if p > 1 and (dst := runner(o, p - 1)) != me:
+                out.append((Action("send", t, o, p - 1, m, "grad", dst), (("bwd", t, o, p, m),)))
         return out
 
     def outputs(self, action: Action) -> list[tuple[Token, int]]:
-        """(token, client) pairs an action yields: where each of its results must go."""
+        """(token, client) pairs an action yields: where each of its results goes."""
         t, o, p, m, me = action.step, action.owner, action.partition, action.micro, self.client
-        if action.kind == "fwd":
+        runner = self.stages.runner
+        kind = action.kind
+        if kind == "fwd":
             out = [(("fwd", t, o, p, m), me)]
-            if p < self.P:
-                out.append((("act", t, o, p + 1, m), self.stages.runner(o, p + 1)))
+            if p < self.P and runner(o, p + 1) == me:
+                out.append((("act", t, o, p + 1, m), me))
             return out
-        if action.kind == "bwd":
+        if kind == "bwd":
             out = [(("bwd", t, o, p, m), me)]
-            if p > 1:
-                out.append((("grad", t, o, p - 1, m), self.stages.runner(o, p - 1)))
+            if p > 1 and runner(o, p - 1) == me:
+                out.append((("grad", t, o, p - 1, m), me))
             return out
-        if action.kind == "step":
+        if kind == "send":
+            return [((f"net_{action.what}", t, o, p, m), action.peer)]
+        if kind == "recv":
+            return [((action.what, t, o, p, m), me)]
+        if kind == "step":
             return [(("stepped", t, o, p), me)]
-        if action.kind == "send":
-            return [(("sent", t, p), me)] + [(("sync", t, p, me), r) for r in self.partners[p]]
-        return [(("ver", t + 1, q, p), me) for q in self.local_owners[p]]
+        if kind == "share":
+            return [(("shared", t, p), me)] + [(("sync", t, p, me), r) for r in self.partners[p]]
+        out = [(("ver", t + 1, q, p), me) for q in self.local_owners[p]]
+        if self.star(p) and me == self.hub and self.syncs_at(t):
+            out += [(("avg", t, p), r) for r in self.partners[p]]
+        return out
 
     def source(self, token: Token) -> Optional[int]:
         """The other client that sends `token` to this one; None when it is made here."""
         kind = token[0]
-        if kind == "act":
+        if kind == "net_act":
             c = self.stages.runner(token[2], token[3] - 1)
-        elif kind == "grad":
+        elif kind == "net_grad":
             c = self.stages.runner(token[2], token[3] + 1)
         elif kind == "sync":
             c = token[3]
+        elif kind == "avg":
+            c = self.hub
         else:
             return None
         return c if c != self.client else None
@@ -246,18 +442,25 @@ class SplitPlan:
         return [("ver", t, o, p) for o, p in self.hosted]
 
 
+# --------------------------------------------------------------------------- the dataflow queue
+
+
 class DataflowQueue:
     """Actions waiting for tokens; `pop` returns the ready action of lowest priority.
 
-    A token, once produced, stays available to any number of actions until `forget`.
+    ``strict``: `pop` returns an action only when it has the lowest priority of every
+    queued one (the list runs in order). A token, once produced, stays available to any
+    number of actions until `forget`.
     """
 
-    def __init__(self):
+    def __init__(self, strict: bool = False):
+        self.strict = strict
         self._have: set[Token] = set()
         self._missing: dict[Action, set[Token]] = {}
         self._waiting: dict[Token, list[Action]] = defaultdict(list)
-        self._ready: list[tuple[tuple[int, ...], int, Action]] = []
-        self._priority: dict[Action, tuple[int, ...]] = {}
+        self._ready: list[tuple[tuple, int, Action]] = []
+        self._queued: list[tuple[tuple, int, Action]] = []  # strict: every queued action (lazily pruned)
+        self._priority: dict[Action, tuple] = {}
         self._seq = itertools.count()
 
     def add(self, entry: Scheduled) -> None:
@@ -266,13 +469,16 @@ class DataflowQueue:
         if a in self._priority:
             raise ValueError(f"action {a} is queued twice")
         self._priority[a] = entry.priority
+        seq = next(self._seq)
+        if self.strict:
+            heapq.heappush(self._queued, (entry.priority, seq, a))
         missing = {tok for tok in entry.requires if tok not in self._have}
         if missing:
             self._missing[a] = missing
             for tok in missing:
                 self._waiting[tok].append(a)
         else:
-            heapq.heappush(self._ready, (entry.priority, next(self._seq), a))
+            heapq.heappush(self._ready, (entry.priority, seq, a))
 
     def add_all(self, entries: Iterable[Scheduled]) -> None:
         for e in entries:
@@ -296,18 +502,30 @@ class DataflowQueue:
 
     def pop(self) -> Optional[Action]:
         """The ready action of lowest priority (removed from the queue), or None."""
-        if not self._ready:
+        if self.peek() is None:
             return None
         _, _, a = heapq.heappop(self._ready)
         del self._priority[a]
         return a
+
+    def peek(self) -> Optional[Action]:
+        """The action `pop` would return, left in the queue."""
+        if not self._ready:
+            return None
+        if self.strict:
+            while self._queued[0][2] not in self._priority:
+                heapq.heappop(self._queued)
+            if self._queued[0][2] != self._ready[0][2]:
+                return None
+        return self._ready[0][2]
 
     def __len__(self) -> int:
         """Actions queued and not yet popped (ready or waiting)."""
         return len(self._priority)
 
     def blocked(self) -> dict[Action, set[Token]]:
-        """Each waiting action and the tokens it still misses, in priority order."""
+        """Each waiting action and the tokens it still misses, in priority order (in strict
+        order a ready action behind a waiting one is not listed)."""
         order = sorted(self._missing, key=lambda a: self._priority[a])
         return {a: set(self._missing[a]) for a in order}
 
@@ -316,40 +534,129 @@ class DataflowQueue:
         self._have = {tok for tok in self._have if tok[1] >= before_step}
 
 
+# --------------------------------------------------------------------------- lists and dry runs
+
+
 class ScheduleDeadlock(RuntimeError):
-    """`dry_run` found clients waiting on each other (cannot happen for valid schedules)."""
+    """The clients' actions wait on each other (the dry run found it before any training)."""
 
 
-def dry_run(plans: dict[int, SplitPlan], steps: int) -> dict[int, list[Action]]:
-    """Execute the schedules of every client symbolically for `steps` steps.
+def _deadlock(queues: dict[int, DataflowQueue], plans: dict[int, "SplitPlan"]) -> ScheduleDeadlock:
+    lines = []
+    for c, q in sorted(queues.items()):
+        src = plans[c].source
+        name = lambda tok, src=src: f"client {src(tok)}" if src(tok) else None  # noqa: E731
+        lines += [f"client {c}: {x}" for x in describe_blocked(q.blocked(), plans[c].P, 3, name)]
+    return ScheduleDeadlock("no client can run an action:\n  " + "\n  ".join(lines))
 
-    Clients take turns running one ready action each; results reach their destination at
-    once. Returns the actions each client ran, in order; raises ScheduleDeadlock naming
-    what each client waits for when no client can run anything.
+
+def _run(queues: dict[int, DataflowQueue], plans: dict[int, "SplitPlan"]) -> dict[int, list[Action]]:
+    """Run every client's queue symbolically: each client runs one ready action per tick;
+    what an action yields is there from the next tick on. Returns the order each client
+    ran its actions in; raises ScheduleDeadlock when no client can run anything."""
+    ran: dict[int, list[Action]] = {c: [] for c in queues}
+    clients = sorted(queues)
+    while any(len(q) for q in queues.values()):
+        produced: list[tuple[Token, int]] = []
+        progressed = False
+        for c in clients:
+            a = queues[c].pop()
+            if a is not None:
+                progressed = True
+                ran[c].append(a)
+                produced += plans[c].outputs(a)
+        if not progressed:
+            raise _deadlock(queues, plans)
+        for tok, dest in produced:
+            if dest in queues and not queues[dest].produce(tok):
+                raise ScheduleDeadlock(f"client {dest} got {tok} twice")
+    return ran
+
+
+class PipelineSchedule:
+    """Every client's ordered list of actions of every step: the schedule as data.
+
+    `plans` holds one `SplitPlan` per client (all with the same stage mapping, schedule and
+    settings). The list of a step comes from a symbolic run of that step for all clients
+    (see the module docstring), done once per step signature (which owners train, whether
+    replicas sync) and cached; ``ordered(client, t)`` gives the entries with priority
+    ``(t, position in the list)``, which is all an executor needs.
     """
-    queues = {c: DataflowQueue() for c in plans}
-    for c, plan in plans.items():
+
+    def __init__(self, plans: dict[int, SplitPlan]):
+        if not plans:
+            raise ValueError("a pipeline schedule needs at least one client's plan")
+        self.plans = plans
+        first = next(iter(plans.values()))
+        self.P, self.M, self.strict = first.P, first.M, first.strict
+        self.name = first.schedule.name
+        self._orders: dict[tuple, dict[int, list[int]]] = {}
+
+    def signature(self, t: int) -> tuple:
+        return next(iter(self.plans.values())).signature(t)
+
+    def order(self, t: int) -> dict[int, list[int]]:
+        """client -> the indices of `plan.step(t)`'s entries in list order (dry run of step t)."""
+        sig = self.signature(t)
+        if sig not in self._orders:
+            queues: dict[int, DataflowQueue] = {}
+            entries = {}
+            for c, plan in self.plans.items():
+                q = queues[c] = DataflowQueue()
+                entries[c] = plan.step(t)
+                for tok in plan.initial_tokens(t):
+                    q.produce(tok)
+                q.add_all(Scheduled(e.action, e.requires, (e.priority, i)) for i, e in enumerate(entries[c]))
+            ran = _run(queues, self.plans)
+            index = {c: {e.action: i for i, e in enumerate(entries[c])} for c in entries}
+            self._orders[sig] = {c: [index[c][a] for a in ran[c]] for c in ran}
+        return self._orders[sig]
+
+    def ordered(self, client: int, t: int) -> list[Scheduled]:
+        """Client `client`'s entries of step t in list order, priority (t, position)."""
+        entries = self.plans[client].step(t)
+        return [Scheduled(entries[i].action, entries[i].requires, (t, k))
+                for k, i in enumerate(self.order(t)[client])]
+
+    def check(self, steps: Iterable[int]) -> int:
+        """Dry-run every distinct step of `steps` (raises ScheduleDeadlock); how many there were."""
+        seen = set()
+        for t in steps:
+            sig = self.signature(t)
+            if sig not in seen:
+                seen.add(sig)
+                self.order(t)
+        return len(seen)
+
+    def table(self, t: int = 0, width: int = 18) -> str:
+        """The action table of step t: one column per client, its actions in list order."""
+        lists = {c: [e.action.label(self.P) for e in self.ordered(c, t)] for c in sorted(self.plans)}
+        width = max([width] + [len(x) + 1 for xs in lists.values() for x in xs])
+        rows = max(len(xs) for xs in lists.values())
+        head = "     " + "".join(f"client {c}".ljust(width) for c in lists)
+        lines = [head.rstrip()]
+        for i in range(rows):
+            cells = "".join((xs[i] if i < len(xs) else "").ljust(width) for xs in lists.values())
+            lines.append(f"{i + 1:>4} {cells}".rstrip())
+        return "\n".join(lines)
+
+
+def dry_run(plans: dict[int, SplitPlan] | PipelineSchedule, steps: int) -> dict[int, list[Action]]:
+    """Run the lists of every client symbolically for `steps` steps, as the executor would
+    (in order when the plans are strict, else any ready action by list priority), steps
+    chained by their replica versions. Returns the actions each client ran, in order;
+    raises ScheduleDeadlock naming what each client waits for when no client can run."""
+    sched = plans if isinstance(plans, PipelineSchedule) else PipelineSchedule(plans)
+    queues = {c: DataflowQueue(strict=sched.strict) for c in sched.plans}
+    for c, plan in sched.plans.items():
         for tok in plan.initial_tokens():
             queues[c].produce(tok)
         for t in range(steps):
-            queues[c].add_all(plan.step(t))
-    ran: dict[int, list[Action]] = {c: [] for c in plans}
-    while any(len(q) for q in queues.values()):
-        progressed = False
-        for c in sorted(plans):
-            a = queues[c].pop()
-            if a is None:
-                continue
-            progressed = True
-            ran[c].append(a)
-            for tok, dest in plans[c].outputs(a):
-                if not queues[dest].produce(tok):
-                    raise ScheduleDeadlock(f"client {dest} got {tok} twice")
-        if not progressed:
-            lines = []
-            for c, q in sorted(queues.items()):
-                src = plans[c].source
-                name = lambda tok, src=src: f"client {src(tok)}" if src(tok) else None  # noqa: E731
-                lines += [f"client {c}: {x}" for x in describe_blocked(q.blocked(), plans[c].P, 3, name)]
-            raise ScheduleDeadlock("no client can run an action:\n  " + "\n  ".join(lines))
-    return ran
+            queues[c].add_all(sched.ordered(c, t))
+    return _run(queues, sched.plans)
+
+
+__all__ = [
+    "Action", "DataflowQueue", "GPipe", "OneFOneB", "PipelineSchedule", "SCHEDULES", "Schedule",
+    "ScheduleDeadlock", "Scheduled", "SplitPlan", "describe_blocked", "describe_token", "dry_run", "get_schedule",
+]

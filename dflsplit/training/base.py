@@ -53,21 +53,34 @@ def build_optimizer(cfg, params) -> torch.optim.Optimizer:
 
 
 class BatchSampler:
-    """Endless mini-batches of a shard: reshuffled each pass, deterministic for a generator."""
+    """Endless mini-batches of a shard: reshuffled each pass, deterministic for a generator.
 
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+    With ``drop_last`` (the default, local SGD's sampler) a pass yields ``n // batch_size``
+    full batches and the remainder waits for a later pass; without it a pass yields
+    ``ceil(n / batch_size)`` batches, the last one smaller, so every sample is drawn exactly
+    once per pass (split learning's epochs).
+    """
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True):
         if n == 0:
             raise ValueError("cannot sample batches from an empty shard")
         self.n, self.batch_size, self.gen = n, min(batch_size, n), generator
+        self.drop_last = drop_last
         self._order = torch.randperm(n, generator=generator)
         self._pos = 0
 
+    @property
+    def batches_per_pass(self) -> int:
+        """Batches of one pass over the shard."""
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
     def next(self) -> torch.Tensor:
-        if self._pos + self.batch_size > self.n:
+        end = self._pos + self.batch_size
+        if end > self.n and (self.drop_last or self._pos >= self.n):
             self._order = torch.randperm(self.n, generator=self.gen)
-            self._pos = 0
-        idx = self._order[self._pos : self._pos + self.batch_size]
-        self._pos += self.batch_size
+            self._pos, end = 0, self.batch_size
+        idx = self._order[self._pos : min(end, self.n)]
+        self._pos = end
         return idx
 
     def steps_for_epochs(self, epochs: float) -> int:
@@ -105,7 +118,20 @@ class Training(ABC):
         self.cfg = cfg
         self.model = model
         self.x, self.y = train_x, train_y
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """The configured optimizer (``optimizer`` section) over `params`: what a node that
+        trains several modules (a split node's replicas) gives each of them."""
+        return build_optimizer(self.cfg.optimizer, params)
+
+    def make_sampler(self, drop_last: bool = True) -> BatchSampler:
+        """A sampler of this node's shard drawing the batches this training's own sampler
+        draws (same seed), for a node that runs the steps itself (split learning);
+        ``drop_last=False``: every sample once per pass."""
+        return BatchSampler(len(self.y), self.cfg.training.batch_size, torch.Generator().manual_seed(self.seed),
+                            drop_last=drop_last)
 
     @abstractmethod
     def train(self) -> float:

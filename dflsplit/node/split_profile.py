@@ -1,0 +1,531 @@
+"""Profiler and planner of split learning: ``dflsplit profile``, ``split: auto`` and
+``micro_batches: auto``.
+
+`profile_run` measures what a pipeline's time is made of:
+
+* each partition's forward, backward and optimizer-update time, for every micro-batch size
+  the candidates need (median of ``split.profile_repeats`` timings after a warm-up), in a
+  forked process with the torch threads a node of the run gets; the nodes of one machine
+  share its processor, so one measurement stands for all of them, scaled by a per-node
+  slowdown (1 unless given, e.g. ``dflsplit profile --slowdown 3=4``);
+* the bytes per sample at each cut (a partition's output, and its gradient on the way
+  back) and of each partition's weights (what replica sync moves);
+* each node's link: two transports on loopback with that node's caps, timing payloads
+  of two sizes each way (the slope is the rate, the fixed cost drops out).
+
+`simulate` runs the run's own schedule (`split_schedule.PipelineSchedule`, the lists the
+nodes execute) in time: every client computes one action at a time with the measured
+durations; a payload first holds its sender's uplink, then its receiver's downlink
+(what the emulated links do: the sender's token bucket, then the receiver's), each a
+queue of its own. `choose` simulates one epoch for every candidate (device/server
+split x micro-batches 1, 2, 4, 8, 16) and keeps the shortest. `plan_offloading` uses the
+same profile to place the middle partitions of N owners' pipelines on the clients that
+finish them first (earliest-finish-time list scheduling), each row ordered by stage so
+the stage validator accepts it. The simulation lets at most as many clients compute at
+once as the machine has cores for their threads (the nodes of one machine share them).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import multiprocessing as mp
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..mappings.stages import StageMapping, device_server_rows, task_label, uid_to_client, client_to_uid
+from .split_schedule import DataflowQueue, PipelineSchedule
+
+log = logging.getLogger("dflsplit.profile")
+
+#: micro-batch counts the planner considers
+CANDIDATE_MICRO = (1, 2, 4, 8, 16)
+#: epochs longer than this many steps are simulated for this many and scaled
+MAX_SIMULATED_STEPS = 16
+UNLIMITED = float("inf")
+
+
+@dataclass
+class Link:
+    """A node's link in bytes/s: configured caps (0: none) and measured rates."""
+
+    up_cap: int
+    down_cap: int
+    up: float
+    down: float
+
+
+@dataclass
+class Profile:
+    """What `profile_run` measured; times in seconds, sizes in bytes."""
+
+    batch: int
+    partitions: int
+    fwd: dict[int, list[float]]  # micro-batch size -> per partition
+    bwd: dict[int, list[float]]
+    update: list[float]  # per partition
+    out_bytes: list[int]  # per sample, output of partition p (index p-1)
+    param_bytes: list[int]  # floating-point state of partition p
+    links: dict[int, Link]  # node uid -> its link
+    slowdown: dict[int, float] = field(default_factory=dict)  # node uid -> factor (default 1)
+    threads: int = 1  # torch threads of a node
+    cores: int = 0  # cores the machine's nodes share (0: every node has its own)
+
+    def speed(self, uid: int) -> float:
+        return self.slowdown.get(uid, 1.0)
+
+    def pass_time(self, kind: str, partition: int, size: int) -> float:
+        """Forward or backward time of `partition` on `size` samples (interpolated between
+        the measured sizes, linearly)."""
+        table = self.fwd if kind == "fwd" else self.bwd
+        sizes = sorted(table)
+        if size in table:
+            return table[size][partition - 1]
+        lo = max([s for s in sizes if s <= size], default=sizes[0])
+        hi = min([s for s in sizes if s >= size], default=sizes[-1])
+        if lo == hi:
+            return table[lo][partition - 1] * size / lo
+        a, b = table[lo][partition - 1], table[hi][partition - 1]
+        return a + (b - a) * (size - lo) / (hi - lo)
+
+
+def machine_cores() -> int:
+    """Cores this process may run on."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def node_threads(cfg) -> int:
+    """Torch threads a node of the run gets (``run.threads_per_proc``, else the cores shared
+    by the machine's node processes), as the launcher gives them."""
+    return cfg.run.threads_per_proc or max(1, machine_cores() // cfg.run.procs_per_machine)
+
+
+def micro_sizes(batch: int, micro: int) -> list[int]:
+    """The micro-batch sizes of a batch cut into `micro` (torch.tensor_split's)."""
+    q, r = divmod(batch, micro)
+    return [q + (i < r) for i in range(micro)]
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def measure_compute(cfg, x: torch.Tensor, y: torch.Tensor, num_classes: int, sizes: Sequence[int],
+                    repeats: int) -> dict[str, Any]:
+    """Forward, backward and update time of each partition for each micro-batch size, and
+    the bytes at each cut; in this process, with its torch threads."""
+    from ..models import build_model
+    from ..training import build_optimizer
+
+    layout = torch.channels_last if x.dim() == 4 else torch.contiguous_format
+    model = build_model(cfg.model, tuple(x.shape[1:]), num_classes, seed=cfg.run.seed)
+    model = model.to(memory_format=layout).train()
+    parts = list(model.children())
+    P = len(parts)
+    fwd: dict[int, list[float]] = {}
+    bwd: dict[int, list[float]] = {}
+    for n in sizes:
+        xs, ys = x[:n].contiguous(memory_format=layout), y[:n]
+        f_times, b_times = [[] for _ in parts], [[] for _ in parts]
+        for rep in range(repeats + 1):
+            inputs, outs = [], []
+            h = xs
+            for p, part in enumerate(parts):
+                h = h.detach().requires_grad_(p > 0)
+                t0 = time.perf_counter()
+                out = part(h)
+                if p == P - 1:
+                    out = nn.functional.cross_entropy(out, ys, reduction="sum") / n
+                f_times[p].append(time.perf_counter() - t0)
+                inputs.append(h)
+                outs.append(out)
+                h = out
+            grad = None
+            for p in range(P - 1, -1, -1):
+                t0 = time.perf_counter()
+                outs[p].backward(grad)
+                b_times[p].append(time.perf_counter() - t0)
+                grad = inputs[p].grad
+        fwd[n] = [statistics.median(ts[1:]) for ts in f_times]
+        bwd[n] = [statistics.median(ts[1:]) for ts in b_times]
+    update = []
+    for part in parts:
+        opt = build_optimizer(cfg.optimizer, part.parameters())
+        update.append(_time(opt.step, repeats))
+    with torch.no_grad():
+        h, out_bytes = x[:1].contiguous(memory_format=layout), []
+        for part in parts:
+            h = part(h)
+            out_bytes.append(h[0].numel() * h.element_size())
+    param_bytes = [sum(v.numel() * v.element_size() for v in part.state_dict().values() if v.is_floating_point())
+                   for part in parts]
+    return {"fwd": fwd, "bwd": bwd, "update": update, "out_bytes": out_bytes, "param_bytes": param_bytes}
+
+
+def _compute_child(conn, cfg, x, y, num_classes, sizes, repeats, threads) -> None:
+    try:
+        torch.set_num_threads(threads)
+        conn.send(("ok", measure_compute(cfg, x, y, num_classes, sizes, repeats)))
+    except BaseException as e:  # noqa: BLE001 - reported in the parent
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def measure_link(up_cap: int, down_cap: int, seconds: float = 0.25) -> tuple[float, float]:
+    """(upload, download) rate in bytes/s of a node with these caps, measured: two tcp
+    transports on loopback, the other side uncapped, payloads of two sizes each way;
+    rate = size difference / time difference."""
+    from ..communication import build_transport
+    from ..config import section_from_dict
+    from ..mappings import LinearMapping, free_base_port
+
+    port = free_base_port(2, 29000)
+    mapping = LinearMapping(1, 2, {0: "127.0.0.1"}, port)
+    me = build_transport(0, mapping, section_from_dict("communication", name="tcp", upload_limit=up_cap,
+                                                       download_limit=down_cap, timeout=60))
+    other = build_transport(1, mapping, section_from_dict("communication", name="tcp", timeout=60))
+    me.start()
+    other.start()
+    try:
+        t = threading.Thread(target=other.connect, args=([0],))
+        t.start()
+        me.connect([1])
+        t.join()
+        rates = []
+        for src, dst, cap in ((me, other, up_cap), (other, me, down_cap)):
+            small, large = ((cap * seconds * 0.2, cap * seconds) if cap else (1 << 20, 16 << 20))
+            times = {}
+            for i, n in enumerate((int(small), int(large))):
+                payload = {"x": torch.zeros(max(1, n // 4), dtype=torch.float32)}
+                key = f"probe/{id(src)}/{i}"
+                time.sleep(0.1)  # an idle link: the rate limiter's burst (50 ms of traffic) is full each time
+                t0 = time.perf_counter()
+                src.publish(key, payload, to=[dst.uid])
+                dst.receive(key, src.uid, timeout=60)
+                times[n] = time.perf_counter() - t0
+            (n1, t1), (n2, t2) = sorted(times.items())
+            rates.append((n2 - n1) / max(t2 - t1, 1e-9))
+        return rates[0], rates[1]
+    finally:
+        # each waits for the other's BYE: close both at once
+        closers = [threading.Thread(target=tr.close, args=(5.0,)) for tr in (me, other)]
+        for c in closers:
+            c.start()
+        for c in closers:
+            c.join()
+
+
+def node_caps(cfg, uid: int) -> tuple[int, int]:
+    """(upload, download) caps of node `uid` (communication.node_limits, else the common ones)."""
+    c = cfg.communication
+    caps = c.node_limits.get(uid)
+    return (caps[0], caps[1]) if caps else (c.upload_limit, c.download_limit)
+
+
+def candidate_micro(cfg) -> list[int]:
+    m = cfg.split.micro_batches
+    if m != "auto":
+        return [m]
+    return [k for k in CANDIDATE_MICRO if k <= cfg.training.batch_size]
+
+
+def candidate_splits(cfg, partitions: int) -> list[Optional[int]]:
+    sp = cfg.split
+    if sp.server is None:
+        return [None]
+    if sp.split != "auto":
+        return [sp.split]
+    return [-1] + list(range(1, partitions - 1))
+
+
+def profile_run(cfg, dataset=None, slowdown: Optional[dict[int, float]] = None) -> Profile:
+    """Measure compute (in a forked process, the nodes' thread count), cut sizes and every
+    distinct link of the run."""
+    from ..datasets import build_dataset
+    from .split import model_partitions
+
+    dataset = dataset if dataset is not None else build_dataset(cfg)
+    b = cfg.training.batch_size
+    sizes = sorted({s for m in candidate_micro(cfg) for s in micro_sizes(b, m)} | {b})
+    idx = dataset.partition_train(1)[0][:b]
+    x, y = dataset.load_train(idx)
+    while len(y) < b:  # a tiny training set: repeat it
+        x, y = torch.cat([x, x]), torch.cat([y, y])
+    x, y = x[:b], y[:b]
+    threads = node_threads(cfg)
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_compute_child, args=(child, cfg, x, y, dataset.num_classes, sizes,
+                                                    cfg.split.profile_repeats, threads))
+    proc.start()
+    child.close()
+    try:
+        status, result = parent.recv()
+    except EOFError:
+        status, result = "error", f"the profiling process died (exit code {proc.exitcode})"
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"profiling the model failed: {result}")
+    links: dict[int, Link] = {}
+    measured: dict[tuple[int, int], tuple[float, float]] = {}
+    for uid in range(cfg.num_nodes):
+        caps = node_caps(cfg, uid)
+        if caps not in measured:
+            measured[caps] = measure_link(*caps)
+        links[uid] = Link(caps[0], caps[1], *measured[caps])
+    P = model_partitions(cfg)
+    return Profile(b, P, result["fwd"], result["bwd"], result["update"], result["out_bytes"], result["param_bytes"],
+                   links, dict(slowdown or {}), threads, machine_cores())
+
+
+# --------------------------------------------------------------------------- simulating
+
+
+@dataclass
+class Simulated:
+    """A simulated run of some steps: its makespan and each client's busy and idle time."""
+
+    seconds: float
+    busy: dict[int, float]
+    idle: dict[int, float]
+
+
+def _duration(profile: Profile, plan, a, uid: int) -> float:
+    sizes = micro_sizes(profile.batch, plan.M)
+    if a.kind in ("fwd", "bwd"):
+        return profile.pass_time(a.kind, a.partition, sizes[a.micro]) * profile.speed(uid)
+    if a.kind == "step":
+        return profile.update[a.partition - 1] * profile.speed(uid)
+    return 0.0
+
+
+def _payload_bytes(profile: Profile, token, M: int) -> int:
+    kind = token[0]
+    if kind in ("net_act", "net_grad"):
+        _, _, o, p, m = token
+        cut = p - 1 if kind == "net_act" else p  # the output whose activation or gradient travels
+        return profile.out_bytes[cut - 1] * micro_sizes(profile.batch, M)[m]
+    if kind in ("sync", "avg"):
+        return profile.param_bytes[token[2] - 1]
+    return 0
+
+
+def simulate(schedule: PipelineSchedule, profile: Profile, steps: int) -> Simulated:
+    """Run `steps` steps of `schedule` in time with `profile`'s durations and links (see
+    the module docstring)."""
+    plans = schedule.plans
+    clients = sorted(plans)
+    uid = {c: client_to_uid(c) for c in clients}
+    queues = {c: DataflowQueue(strict=schedule.strict) for c in clients}
+    for c, plan in plans.items():
+        for tok in plan.initial_tokens():
+            queues[c].produce(tok)
+        for t in range(steps):
+            queues[c].add_all(schedule.ordered(c, t))
+    up_free = dict.fromkeys(clients, 0.0)
+    down_free = dict.fromkeys(clients, 0.0)
+    busy = dict.fromkeys(clients, 0.0)
+    waiting_since = dict.fromkeys(clients, 0.0)  # who waits longest for a core goes first
+    running: set[int] = set()
+    computing = 0  # actions holding a core
+    slots = max(1, profile.cores // max(1, profile.threads)) if profile.cores else len(clients)
+    events: list = []
+    seq = 0
+    now = 0.0
+
+    def rate(c: int, way: str) -> float:
+        link = profile.links.get(uid[c])
+        r = (link.up if way == "up" else link.down) if link else UNLIMITED
+        return r if r > 0 else UNLIMITED
+
+    while True:
+        for c in sorted(clients, key=lambda c: (waiting_since[c], c)):
+            if c in running:
+                continue
+            a = queues[c].peek()
+            if a is None:
+                continue
+            d = _duration(profile, plans[c], a, uid[c])
+            if d > 0 and computing >= slots:
+                continue
+            queues[c].pop()
+            computing += d > 0
+            busy[c] += d
+            running.add(c)
+            heapq.heappush(events, (now + d, seq, "done", (c, a, d > 0)))
+            seq += 1
+        if not events:
+            if any(len(q) for q in queues.values()):
+                raise RuntimeError("the simulated schedule stalled (the dry run should have caught it)")
+            break
+        now, _, kind, data = heapq.heappop(events)
+        if kind == "done":
+            c, a, held = data
+            running.discard(c)
+            computing -= held
+            waiting_since[c] = now
+            for tok, dest in plans[c].outputs(a):
+                if dest == c:
+                    queues[c].produce(tok)
+                    continue
+                n = _payload_bytes(profile, tok, plans[c].M)
+                start = max(now, up_free[c])
+                up_free[c] = start + n / rate(c, "up")
+                heapq.heappush(events, (up_free[c], seq, "uplinked", (dest, tok, n)))
+                seq += 1
+        elif kind == "uplinked":
+            dest, tok, n = data
+            start = max(now, down_free[dest])
+            down_free[dest] = start + n / rate(dest, "down")
+            heapq.heappush(events, (down_free[dest], seq, "arrived", (dest, tok)))
+            seq += 1
+        else:
+            dest, tok = data
+            queues[dest].produce(tok)
+    return Simulated(now, busy, {c: now - busy[c] for c in clients})
+
+
+def layout_mapping(cfg, partitions: int, split: Optional[int]) -> StageMapping:
+    """The run's stage mapping, with device/server `split` when given."""
+    from .split import stage_mapping
+
+    if split is None:
+        return stage_mapping(cfg)
+    rows = device_server_rows(cfg.num_nodes, uid_to_client(cfg.split.server), partitions, split)
+    return StageMapping(rows, partitions, strict_order=cfg.split.order == "strict")
+
+
+def simulate_config(cfg, profile: Profile, split: Optional[int], micro: int, epoch_steps: int) -> Simulated:
+    """One epoch of the run with device/server `split` and `micro` micro-batches (at most
+    MAX_SIMULATED_STEPS steps simulated, scaled to the epoch)."""
+    import copy
+
+    from .split import build_schedule
+
+    trial = copy.deepcopy(cfg)
+    trial.split.micro_batches = micro
+    if split is not None:
+        trial.split.split = split
+    stages = layout_mapping(trial, profile.partitions, split)
+    period = _period(trial, epoch_steps)
+    steps = min(epoch_steps, MAX_SIMULATED_STEPS)
+    sim = simulate(build_schedule(trial, stages, period), profile, steps)
+    scale = epoch_steps / steps
+    return Simulated(sim.seconds * scale, {c: v * scale for c, v in sim.busy.items()},
+                     {c: v * scale for c, v in sim.idle.items()})
+
+
+def _period(cfg, epoch_steps: int) -> int:
+    from .split import sync_settings
+
+    _, every, unit = sync_settings(cfg)
+    return every * epoch_steps if unit == "epochs" else every
+
+
+@dataclass
+class Choice:
+    """The planner's pick and every candidate's simulated epoch."""
+
+    split: Optional[int]
+    micro_batches: int
+    table: list[dict[str, Any]]
+
+
+def choose(cfg, profile: Profile, epoch_steps: int) -> Choice:
+    """Simulate one epoch for every candidate (split, M) and keep the shortest (ties: fewer
+    micro-batches)."""
+    table = []
+    devices = [u for u in range(cfg.num_nodes) if u != cfg.split.server]
+    for split in candidate_splits(cfg, profile.partitions):
+        for m in candidate_micro(cfg):
+            sim = simulate_config(cfg, profile, split, m, epoch_steps)
+            dev_idle = statistics.fmean(sim.idle[uid_to_client(u)] for u in devices) if devices else 0.0
+            table.append({"split": split, "micro_batches": m, "epoch_seconds": sim.seconds,
+                          "device_idle_seconds": dev_idle})
+    best = min(table, key=lambda r: (round(r["epoch_seconds"], 9), r["micro_batches"]))
+    return Choice(best["split"], best["micro_batches"], table)
+
+
+def resolve_auto(cfg, dataset=None) -> Choice:
+    """Profile the run and write the planner's choice into ``cfg.split`` (``split`` and
+    ``micro_batches`` that were ``auto``)."""
+    from .split import steps_per_epoch
+
+    profile = profile_run(cfg, dataset)
+    choice = choose(cfg, profile, steps_per_epoch(cfg, dataset))
+    sp = cfg.split
+    if sp.split == "auto":
+        sp.split = choice.split
+    if sp.micro_batches == "auto":
+        sp.micro_batches = choice.micro_batches
+    best = min(r["epoch_seconds"] for r in choice.table)
+    line = (f"split profiler: split {sp.split}, micro_batches {sp.micro_batches} (simulated epoch {best:.2f} s of "
+            f"{len(choice.table)} candidates; dflsplit profile CONFIG prints the table)")
+    log.info("%s", line)
+    print(f"dflsplit: {line}", file=sys.stderr, flush=True)
+    return choice
+
+
+# --------------------------------------------------------------------------- offloading
+
+
+def plan_offloading(profile: Profile, num_clients: int, micro_batches: int = 1) -> list[list[str]]:
+    """A stage configuration for `num_clients` owners: every owner keeps its first and
+    last partition (rule 4), the middle ones go, partition by partition, to the client
+    that would finish them first (earliest-finish-time list scheduling): that client's
+    load so far plus the partition's forward and backward on the batch at its speed, plus
+    the transfers from and to the previous partition's client at their link rates. Rows
+    list their tasks by stage, then owner, so no order deadlocks (rule 6)."""
+    P, b = profile.partitions, profile.batch
+    clients = list(range(1, num_clients + 1))
+
+    def work(p: int, c: int) -> float:
+        return (profile.pass_time("fwd", p, b) + profile.pass_time("bwd", p, b)) * profile.speed(client_to_uid(c))
+
+    def link(c: int) -> Link:
+        return profile.links.get(client_to_uid(c)) or Link(0, 0, UNLIMITED, UNLIMITED)
+
+    def transfer(src: int, dst: int, p: int) -> float:
+        if src == dst:
+            return 0.0
+        n = profile.out_bytes[p - 2] * b  # the input of partition p, and its gradient back
+        return n / link(src).up + n / link(dst).down + n / link(dst).up + n / link(src).down
+
+    runner = {(o, p): o for o in clients for p in (1, P)}
+    load = {c: work(1, c) + (work(P, c) if P > 1 else 0.0) for c in clients}
+    for p in range(2, P):
+        for o in sorted(clients, key=lambda c: -load[c]):  # the most loaded owners place theirs first
+            prev = runner[(o, p - 1)]
+            finish = {c: load[c] + work(p, c) + transfer(prev, c, p) for c in clients}
+            best = min(clients, key=lambda c: (round(finish[c], 12), c != o, c))
+            runner[(o, p)] = best
+            load[best] += work(p, best)
+    rows: list[list[tuple[int, int]]] = [[] for _ in clients]
+    for (o, p), c in runner.items():
+        rows[c - 1] += [(o, p), (o, 2 * P + 1 - p)] if P > 1 else [(o, 1), (o, 2)]
+    return [[task_label(o, s) for o, s in sorted(set(row), key=lambda t: (t[1], t[0]))] for row in rows]
+
+
+__all__ = [
+    "CANDIDATE_MICRO", "Choice", "Link", "Profile", "Simulated", "choose", "measure_compute", "measure_link",
+    "micro_sizes", "plan_offloading", "profile_run", "resolve_auto", "simulate", "simulate_config",
+]

@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Pipelined split learning (PiPar's device/server mode), every figure measured in this invocation.
+
+Workload: eval/configs/pipeline/vgg4.yaml: 4 devices (nodes 0-3) and a server (node 4);
+the small VGG (``model: vgg``, width 32) on CIFAR-shaped synthetic data (3×32×32, 10
+classes, 256 training samples per device, batch 32: an epoch is 8 steps); each device
+keeps the first ``split`` partitions and the last, the server the ones in between;
+replicas averaged through the server each epoch (``aggregation_frequency: -1``); each
+device's link capped at 10 Mbit/s up and 25 Mbit/s down (``communication.node_limits``),
+the server's uncapped; the default transport.
+
+Rows:
+
+* ``links``: the emulated device link, measured two ways: a probe (two transports on
+  loopback with the device's caps, payloads of two sizes each way, rate = size difference
+  / time difference, each transfer starting with an idle link), and in the M=4 run
+  (payload bytes each device uploaded / the time its sender spent publishing them).
+  Target: within ±10 % of the configured rate.
+* ``pipeline``: splits 1 and 2, M = 1 against M = 4 (schedule 1f1b, and gpipe beside it):
+  the epoch's time and the devices' idle time. Targets: M=4 at least 1.5× faster, device
+  idle at least 30 % lower.
+* ``sweep``: every split (-1, 1, 2) × M (1, 2, 4, 8, 16) with 1f1b, and a run with
+  ``split: auto`` and ``micro_batches: auto`` (the profiler and the simulation choose at
+  launch; the choice is read from the run's config.yaml). Target: the automatic run's
+  epoch within 10 % of the sweep's best.
+
+Method: each run is a plain ``dflsplit run`` (the launcher in this process) of the
+workload with the overrides printed, 3 rounds of one epoch each; an epoch's time is the
+slowest device's ``train_seconds`` (its round without evaluation), averaged over rounds 1
+and 2 (round 0 warms up: connections, first allocations); idle is the devices' mean
+``idle_seconds`` over the same rounds (the compute thread waiting with nothing ready).
+Nothing samples the nodes while they run. The machine's other load is printed; on a
+shared machine absolute times are noisy, the ratios come from runs minutes apart.
+Usage::
+
+    python eval/bench/pipeline.py [--rows links,pipeline,sweep] [--width 32] [--samples 256] [--out FILE]
+
+The table goes to eval/bench/results/pipeline.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from dflsplit.config import load_config  # noqa: E402
+from dflsplit.launch import run_experiment  # noqa: E402
+from dflsplit.mappings import free_base_port  # noqa: E402
+from dflsplit.results import read_run  # noqa: E402
+
+UP, DOWN = 1_250_000, 3_125_000  # bytes/s: 10 Mbit/s and 25 Mbit/s
+DEVICES, SERVER = 4, 4
+ROUNDS = 3
+
+
+def workload(width: int, samples: int) -> dict:
+    """eval/configs/pipeline/vgg4.yaml with the given VGG width and samples per device."""
+    data = yaml.safe_load((ROOT / "eval" / "configs" / "pipeline" / "vgg4.yaml").read_text())
+    data["run"].update(rounds=ROUNDS, progress=False)
+    data["dataset"]["num_train"] = samples * DEVICES
+    data["model"]["width"] = width
+    data["split"].update(split=1, micro_batches=1, schedule="1f1b")
+    return data
+
+
+class Bench:
+    def __init__(self, width: int, samples: int, lines: list[str]):
+        self.width, self.lines = width, lines
+        self.folder = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+        self.path = self.folder / "workload.yaml"
+        self.path.write_text(yaml.safe_dump(workload(width, samples)))
+        self.port = 24000
+        self.runs = 0
+
+    def run(self, overrides: list[str]) -> dict:
+        """One run; its epoch time, the devices' idle, upload rate and the config it ran."""
+        self.port = free_base_port(DEVICES + 2, self.port + 40)
+        cfg = load_config(self.path, [*overrides, f"run.base_port={self.port}"])
+        out = self.folder / f"run{self.runs}"
+        self.runs += 1
+        t0 = time.time()
+        summary = run_experiment(cfg, out, progress=False)
+        records = read_run(summary["machine_dir"])
+        rounds = range(1, ROUNDS)
+        epoch = statistics.fmean(max(records[u][r]["train_seconds"] for u in range(DEVICES)) for r in rounds)
+        idle = statistics.fmean(records[u][r]["idle_seconds"] for u in range(DEVICES) for r in rounds)
+        sent = [records[u][-1]["payload_bytes_sent"] for u in range(DEVICES)]
+        busy = [sum(r["upload_seconds"] for r in records[u]) for u in range(DEVICES)]
+        ran = yaml.safe_load((Path(summary["machine_dir"]) / "config.yaml").read_text())["split"]
+        return {"epoch": epoch, "idle": idle, "upload_rate": statistics.fmean(s / b for s, b in zip(sent, busy)),
+                "split": ran["split"], "micro": ran["micro_batches"], "wall": time.time() - t0,
+                "acc": summary.get("test_acc_mean")}
+
+
+def links(bench: Bench, in_run: dict | None) -> None:
+    from dflsplit.node.split_profile import measure_link
+
+    lines = bench.lines
+    up, down = measure_link(UP, DOWN)
+    lines.append("links: a device's caps, 10 Mbit/s up (1250000 B/s) and 25 Mbit/s down (3125000 B/s)")
+    for name, got, cap in (("probe up", up, UP), ("probe down", down, DOWN)):
+        off = got / cap - 1
+        lines.append(f"  {name:11s} {got:10.0f} B/s  {off:+6.1%} of the cap (target ±10 %: "
+                     f"{'met' if abs(off) <= 0.10 else 'NOT met'}); method: slope of two payload sizes on loopback")
+    if in_run is not None:
+        off = in_run["upload_rate"] / UP - 1
+        lines.append(f"  {'in-run up':11s} {in_run['upload_rate']:10.0f} B/s  {off:+6.1%} of the cap (target ±10 %: "
+                     f"{'met' if abs(off) <= 0.10 else 'NOT met'}); method: payload bytes a device uploaded / its "
+                     f"sender's publishing time, split 1, M=4 run")
+
+
+def fmt(r: dict) -> str:
+    return f"epoch {r['epoch']:6.2f} s, device idle {r['idle']:6.2f} s (run {r['wall']:.0f} s)"
+
+
+def pipeline(bench: Bench, sweep: dict) -> dict:
+    lines = bench.lines
+    lines.append("pipeline: M=1 against M=4, schedule 1f1b (the sweep's runs; gpipe at M=4 measured beside them)")
+    for split, where in ((1, "each device: partitions 1 and 4; the server: 2 and 3"),
+                         (2, "each device: partitions 1, 2 and 4; the server: 3")):
+        one = sweep.get((split, 1)) or bench.run([f"split.split={split}", "split.micro_batches=1"])
+        four = sweep.get((split, 4)) or bench.run([f"split.split={split}", "split.micro_batches=4"])
+        gpipe = bench.run([f"split.split={split}", "split.micro_batches=4", "split.schedule=gpipe"])
+        lines.append(f"  split {split} ({where})")
+        lines.append(f"    M=1          {fmt(one)}")
+        lines.append(f"    M=4          {fmt(four)}")
+        lines.append(f"    M=4 (gpipe)  {fmt(gpipe)}")
+        speed = one["epoch"] / four["epoch"]
+        idle = 1 - four["idle"] / one["idle"]
+        lines.append(f"    M=4 is {speed:.2f}x faster than M=1 (target >= 1.5x: {'met' if speed >= 1.5 else 'NOT met'}); "
+                     f"device idle {idle:.0%} lower (target >= 30 %: {'met' if idle >= 0.30 else 'NOT met'})")
+        if split == 1:
+            out = four
+    return out
+
+
+def sweep_rows(bench: Bench) -> dict:
+    lines = bench.lines
+    results = {}
+    lines.append("sweep: every split x M (1f1b); epoch time and device idle")
+    for split in (-1, 1, 2):
+        for m in (1, 2, 4, 8, 16):
+            r = bench.run([f"split.split={split}", f"split.micro_batches={m}"])
+            results[(split, m)] = r
+            lines.append(f"  split {split:>2} M={m:<2}  {fmt(r)}")
+            print(lines[-1], flush=True)
+    best_key = min(results, key=lambda k: results[k]["epoch"])
+    best = results[best_key]
+    auto = bench.run(["split.split=auto", "split.micro_batches=auto"])
+    lines.append(f"  auto: chose split {auto['split']}, M={auto['micro']}; its run: {fmt(auto)}")
+    same = results.get((auto["split"], auto["micro"]))
+    off = auto["epoch"] / best["epoch"] - 1
+    lines.append(f"  best of the sweep: split {best_key[0]}, M={best_key[1]}, epoch {best['epoch']:.2f} s; the "
+                 f"automatic run is {off:+.1%} from it (target within 10 %: {'met' if off <= 0.10 else 'NOT met'})")
+    if same is not None:
+        off2 = same["epoch"] / best["epoch"] - 1
+        lines.append(f"  the sweep's own run of the automatic choice: epoch {same['epoch']:.2f} s, {off2:+.1%} from "
+                     f"the best")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="links,pipeline,sweep")
+    parser.add_argument("--width", type=int, default=32, help="channels of the VGG's first block")
+    parser.add_argument("--samples", type=int, default=256, help="training samples per device (batch 32)")
+    parser.add_argument("--out", default=str(ROOT / "eval" / "bench" / "results" / "pipeline.txt"))
+    args = parser.parse_args()
+    rows = args.rows.split(",")
+    load = os.getloadavg()
+    steps = -(-args.samples // 32)
+    lines = [f"# eval/bench/pipeline.py --rows {args.rows} --width {args.width} --samples {args.samples}, "
+             f"{datetime.now():%Y-%m-%d %H:%M}, {platform.node()}, {os.cpu_count()} cores, load average at start "
+             f"{load[0]:.1f}",
+             f"# workload: 4 devices + server, vgg width {args.width} on synthetic 3x32x32 ({args.samples} samples per "
+             f"device, batch 32, {steps} steps an epoch), device links {UP} B/s up / {DOWN} B/s down, aggregation "
+             f"each epoch"]
+    bench = Bench(args.width, args.samples, lines)
+    sweep = sweep_rows(bench) if "sweep" in rows else {}
+    four = pipeline(bench, sweep) if "pipeline" in rows else None
+    if "links" in rows:
+        links(bench, four)
+    lines.append(f"# load average at the end {os.getloadavg()[0]:.1f}")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

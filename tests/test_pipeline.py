@@ -1,0 +1,215 @@
+"""Pipelined split learning: the sampler's passes, the device/server config checks, the
+timed simulation against hand-computed makespans, the planner's choices, the offloading
+plan, and the `stages` / `profile` commands."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from dflsplit.config import ConfigError, load_config
+from dflsplit.cli_profile import profile_main
+from dflsplit.cli_stages import stages_main
+from dflsplit.mappings.stages import StageMapping, device_server_rows
+from dflsplit.node.split_profile import Link, Profile, choose, plan_offloading, simulate
+from dflsplit.node.split_schedule import PipelineSchedule, SplitPlan
+from dflsplit.training import BatchSampler
+
+from stage_examples import ALL_LOCAL
+
+UNLIMITED = float("inf")
+
+
+def test_sampler_without_drop_last_draws_every_sample_once_per_pass():
+    s = BatchSampler(10, 4, torch.Generator().manual_seed(3), drop_last=False)
+    assert s.batches_per_pass == 3
+    for _ in range(3):
+        batches = [s.next() for _ in range(3)]
+        assert [len(b) for b in batches] == [4, 4, 2]
+        assert sorted(torch.cat(batches).tolist()) == list(range(10))
+    kept = BatchSampler(10, 4, torch.Generator().manual_seed(3))  # local SGD's: full batches only
+    assert kept.batches_per_pass == 2 and [len(kept.next()) for _ in range(3)] == [4, 4, 4]
+
+
+def pipar_config(tmp_path, **split):
+    data = {"run": {"procs_per_machine": 5}, "model": {"name": "cnn"}, "node": {"name": "split"},
+            "training": {"batch_size": 8, "local_steps": 4},
+            "split": {"server": 4, "split": 1, **split}}
+    path = tmp_path / "pipar.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("split,message", [
+    ({"split": 0}, "key 'split': 0 is not a device/server split of model 'cnn' \\(4 partitions\\): "
+                   "expected -1 or 1..2"),
+    ({"split": 3}, "expected -1 or 1..2 or auto"),
+    ({"server": 5}, "key 'server': uid 5 is not a node of the run"),
+    ({"stages": [["1_1"]]}, "'server' generates the stage configuration; unset 'stages'"),
+    ({"mode": "relay"}, "device/server mode trains every device every step"),
+    ({"schedule": "zigzag"}, "unknown schedule 'zigzag'; known: 1f1b, gpipe"),
+    ({"server": None, "aggregation_frequency": 2}, "'aggregation_frequency' is for the device/server mode"),
+    ({"server": None, "split": "auto", "stages": [["1_1"]]}, "auto is for the device/server mode"),
+])
+def test_device_server_config_errors_name_the_key(tmp_path, split, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(pipar_config(tmp_path, **split))
+
+
+def test_auto_is_for_one_machine(tmp_path):
+    with pytest.raises(ConfigError, match="auto is chosen by profiling one machine"):
+        load_config(pipar_config(tmp_path, micro_batches="auto"), ["run.machines=2", "run.procs_per_machine=3",
+                                                                    "run.hosts={0: 127.0.0.1, 1: 127.0.0.2}"])
+
+
+def test_split_nodes_take_their_steps_from_local_sgd(tmp_path):
+    with pytest.raises(ConfigError, match="training 'fedprox' is for gossip and federated nodes"):
+        load_config(pipar_config(tmp_path), ["training.name=fedprox"])
+
+
+# --------------------------------------------------------------------------- simulation
+
+F = [0.010, 0.040, 0.020]  # forward of partitions 1..3 on a whole batch of 8
+B = [0.020, 0.080, 0.030]
+U = [0.001, 0.002, 0.003]
+OUT = [1000, 500, 40]  # bytes per sample of each partition's output
+
+
+def linear_profile(links, P=3, batch=8, slowdown=None, cores=0):
+    """Times proportional to the samples (so micro-batches add up to the batch)."""
+    sizes = [1, 2, 4, 8]
+    fwd = {n: [F[p % 3] * (1 + p // 3) * n / batch for p in range(P)] for n in sizes}
+    bwd = {n: [B[p % 3] * (1 + p // 3) * n / batch for p in range(P)] for n in sizes}
+    return Profile(batch, P, fwd, bwd, [U[p % 3] for p in range(P)], [OUT[p % 3] for p in range(P)],
+                   [4000] * P, links, slowdown or {}, 1, cores)
+
+
+def test_simulated_local_pipeline_is_the_sum_of_its_compute():
+    m = StageMapping([["1_1", "1_2", "1_3", "1_4", "1_5", "1_6"]], 3)
+    sched = PipelineSchedule({1: SplitPlan(m, 1, 1, sync="none")})
+    sim = simulate(sched, linear_profile({}), steps=2)
+    assert sim.seconds == pytest.approx(2 * (sum(F) + sum(B) + sum(U)))
+    assert sim.idle[1] == pytest.approx(0.0)
+
+
+def test_simulated_device_server_step_at_one_micro_batch_is_sequential():
+    """A device (client 1) and a server (client 2): partition 2 on the server. At M=1 nothing
+    overlaps: compute, the device's uplink and downlink, one after the other."""
+    up, down = 1e5, 2.5e5
+    links = {0: Link(int(up), int(down), up, down), 1: Link(0, 0, UNLIMITED, UNLIMITED)}
+    rows = device_server_rows(2, 2, 3, 1)
+    m = StageMapping(rows, 3)
+    plans = {c: SplitPlan(m, c, 1, sync="none", trainers=[1]) for c in (1, 2)}
+    sim = simulate(PipelineSchedule(plans), linear_profile(links), steps=1)
+    a1, a2 = OUT[0] * 8, OUT[1] * 8  # device -> server: partition 1's output; back: partition 2's
+    # the updates of partitions 3 (device) and 2 (server) run while the gradient travels on
+    expected = F[0] + a1 / up + F[1] + a2 / down + F[2] + B[2] + a2 / up + B[1] + a1 / down + B[0] + U[0]
+    assert sim.seconds == pytest.approx(expected)
+    assert sim.busy[2] == pytest.approx(F[1] + B[1] + U[1])
+    # 4 micro-batches overlap the links and the two sides: faster, but no faster than the busiest resource
+    plans4 = {c: SplitPlan(m, c, 4, sync="none", trainers=[1]) for c in (1, 2)}
+    sim4 = simulate(PipelineSchedule(plans4), linear_profile(links), steps=1)
+    assert (a1 + a2) / up < sim4.seconds < sim.seconds
+
+
+def test_cores_shared_by_the_nodes_slow_the_simulation_down():
+    m = StageMapping(ALL_LOCAL, 4)
+    plans = {c: SplitPlan(m, c, 1, sync="none") for c in range(1, 6)}
+    free = simulate(PipelineSchedule(plans), linear_profile({}, P=4), steps=1).seconds
+    shared = simulate(PipelineSchedule(plans), linear_profile({}, P=4, cores=1), steps=1).seconds
+    assert shared == pytest.approx(5 * free)  # five pipelines, one core
+
+
+def test_planner_keeps_the_shortest_simulated_epoch(tmp_path):
+    cfg = load_config(pipar_config(tmp_path, split="auto", micro_batches="auto", aggregation_frequency=0))
+    slow = {u: Link(1, 1, 1e4, 1e4) for u in range(4)} | {4: Link(0, 0, UNLIMITED, UNLIMITED)}
+    choice = choose(cfg, linear_profile(slow, P=4), epoch_steps=4)
+    assert {(r["split"], r["micro_batches"]) for r in choice.table} == {
+        (s, m) for s in (-1, 1, 2) for m in (1, 2, 4, 8)}
+    best = min(r["epoch_seconds"] for r in choice.table)
+    chosen = next(r for r in choice.table if (r["split"], r["micro_batches"]) == (choice.split, choice.micro_batches))
+    assert chosen["epoch_seconds"] == pytest.approx(best)
+    assert choice.micro_batches == min(r["micro_batches"] for r in choice.table  # ties: fewer micro-batches
+                                       if r["epoch_seconds"] == pytest.approx(best))
+    assert choice.split == -1  # slow links, no averaging: train the whole model on the devices
+    fast = {u: Link(0, 0, 1e9, 1e9) for u in range(5)}
+    slow_devices = {u: 20.0 for u in range(4)}
+    choice = choose(cfg, linear_profile(fast, P=4, slowdown=slow_devices), epoch_steps=4)
+    assert choice.split in (1, 2) and choice.micro_batches > 1  # slow devices, fast links: offload, pipeline
+
+
+def test_offloading_plan_moves_the_middle_off_a_slow_client_and_passes_the_validator():
+    links = {u: Link(0, 0, 1e9, 1e9) for u in range(5)}
+    assert plan_offloading(linear_profile(links, P=4), 5) == ALL_LOCAL  # equal clients keep their own
+    rows = plan_offloading(linear_profile(links, P=4, slowdown={2: 10.0}), 5)
+    m = StageMapping(rows, 4, strict_order=True)
+    assert m.runners[3][0] == m.runners[3][3] == 3  # rule 4: client 3 keeps its first and last partition
+    assert 3 not in m.runners[3][1:3]  # its middle partitions went to faster clients
+    assert all(3 not in m.runners[o][1:3] for o in m.runners)  # and nobody else's came to it
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def test_stages_command_dry_runs_and_prints_the_action_table(tmp_path, capsys):
+    path = pipar_config(tmp_path, micro_batches=2)
+    assert stages_main([str(path), "--schedule", "1f1b"]) == 0
+    out = capsys.readouterr().out
+    assert ("dry run: schedule '1f1b', 2 micro-batches, relaxed order, sync star: 2 steps complete on every "
+            "client") in out
+    table = out.split("action table of step 1")[1]
+    head = next(line for line in table.splitlines() if line.strip().startswith("client 1"))
+    assert head.split() == ["client", "1", "client", "2", "client", "3", "client", "4", "client", "5"]
+    assert "F 1_1 #0" in table and "->5 a1_2 #0" in table and "<-1 a1_2 #0" in table and "sync 1" in table
+    # rows a strict runner deadlocks on: rule 6 under --strict-order, fine under --relaxed-order
+    swap = tmp_path / "swap.py"
+    swap.write_text("STAGES_CLIENTS = [['2_2', '1_1', '1_3', '1_4', '2_5', '1_6'], "
+                    "['1_2', '2_1', '2_3', '2_4', '1_5', '2_6']]\n")
+    assert stages_main([str(swap), "--partitions", "3"]) == 1
+    assert stages_main([str(swap), "--partitions", "3", "--relaxed-order", "--schedule", "gpipe"]) == 0
+
+
+def test_profile_command_measures_and_chooses(tmp_path, capsys):
+    data = {"run": {"procs_per_machine": 3, "threads_per_proc": 1}, "model": {"name": "mlp", "hidden": [16, 16],
+            "partitions": 3}, "node": {"name": "split"}, "training": {"batch_size": 8, "local_steps": 2},
+            "communication": {"node_limits": {0: [2000000, 4000000], 1: [2000000, 4000000]}},
+            "split": {"server": 2, "split": "auto", "micro_batches": "auto", "profile_repeats": 1}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert profile_main([str(path), "--offload"]) == 0
+    out = capsys.readouterr().out
+    assert "nodes 0,1" in out and "up cap    2000000" in out and "nodes 2" in out
+    sims = out.split("simulated epoch")[1].split("choice:")[0]
+    table = [line.split() for line in sims.splitlines() if line.strip() and line.split()[0] in ("-1", "1")]
+    assert {(r[0], r[1]) for r in table} == {(s, m) for s in ("-1", "1") for m in ("1", "2", "4", "8")}
+    assert sum("<- chosen" in line for line in out.splitlines()) == 1 and "choice: split: " in out
+    assert "the stage validator accepts it (rules 1-6, strict order)" in out
+
+
+def test_sends_never_block_the_compute_thread():
+    """The sender publishes in its own thread: `publish` returns while the transport is still
+    busy with an earlier payload (here: held until released), and order is kept."""
+    import threading
+
+    from dflsplit.node.split import Sender
+
+    class SlowTransport:
+        def __init__(self):
+            self.release, self.entered, self.published = threading.Event(), threading.Event(), []
+
+        def publish(self, key, tensors, to, header):
+            self.entered.set()
+            assert self.release.wait(30)
+            self.published.append((key, to, sorted(header)))
+
+    transport = SlowTransport()
+    sender = Sender(transport, uid=0)
+    sender.publish("a", {"x": torch.zeros(1)}, [1])
+    assert transport.entered.wait(30)  # the sender thread is inside the transport's publish ...
+    sender.publish("b", {"x": torch.zeros(1)}, [2], {"samples": 3})  # ... and this returns at once
+    assert transport.published == [] and sender._jobs.unfinished_tasks == 2
+    transport.release.set()
+    sender.flush(30)
+    assert transport.published == [("a", [1], ["sent"]), ("b", [2], ["samples", "sent"])]
+    sender.close()
