@@ -9,8 +9,9 @@ import time
 class TokenBucket:
     """Blocks callers so that at most `rate` bytes per second pass on average.
 
-    `rate=0` means unlimited. The bucket holds at most `burst` bytes (default: 50 ms
-    of traffic, at least 64 KiB), so an idle link does not bank a long burst.
+    `rate=0` means unlimited. The bucket holds at most `burst` bytes. The default, 0,
+    emulates a serial link: each frame waits its own ``size / rate`` after the link
+    is free, so a payload after an idle gap is not delivered faster than the rate.
     A consume larger than the bucket borrows against the future: the call returns
     when the bytes would have passed at the configured rate. `passed` counts the bytes
     that went through a limited bucket.
@@ -18,7 +19,7 @@ class TokenBucket:
 
     def __init__(self, rate: float, burst: float | None = None):
         self.rate = float(rate)
-        self.capacity = float(burst if burst is not None else max(65536.0, self.rate * 0.05))
+        self.capacity = float(burst if burst is not None else 0.0)
         self._tokens = self.capacity
         self._stamp = time.monotonic()
         self._lock = threading.Lock()
