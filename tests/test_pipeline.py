@@ -213,3 +213,21 @@ def test_sends_never_block_the_compute_thread():
     sender.flush(30)
     assert transport.published == [("a", [1], ["sent"]), ("b", [2], ["samples", "sent"])]
     sender.close()
+
+
+def test_profile_with_several_threads_per_node(tmp_path):
+    """The profiler measures with the nodes' thread count in a process whose torch already
+    ran parallel work (a forked measuring child hung in OpenMP's first parallel region)."""
+    import subprocess
+    import sys
+
+    data = {"run": {"procs_per_machine": 2, "threads_per_proc": 2}, "model": {"name": "vgg", "width": 8},
+            "dataset": {"name": "synthetic", "image_shape": [3, 32, 32], "num_train": 1024, "num_test": 64},
+            "node": {"name": "split"}, "training": {"batch_size": 16, "local_steps": 2},
+            "split": {"server": 1, "split": 1, "micro_batches": "auto", "profile_repeats": 1}}
+    path = tmp_path / "threads.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = subprocess.run([sys.executable, "-m", "dflsplit.cli", "profile", str(path)], capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert "2 torch thread(s)" in out.stdout and "choice: split: 1, micro_batches: " in out.stdout

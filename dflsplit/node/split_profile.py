@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import multiprocessing as mp
 import statistics
 import sys
 import threading
@@ -180,14 +179,16 @@ def measure_compute(cfg, x: torch.Tensor, y: torch.Tensor, num_classes: int, siz
     return {"fwd": fwd, "bwd": bwd, "update": update, "out_bytes": out_bytes, "param_bytes": param_bytes}
 
 
-def _compute_child(conn, cfg, x, y, num_classes, sizes, repeats, threads) -> None:
+def _measure_with_threads(cfg, x, y, num_classes, sizes, repeats, threads) -> dict[str, Any]:
+    """measure_compute with `threads` torch threads, the process's own count restored after.
+    In this process: a forked child would inherit OpenMP's thread pool without its
+    threads and hang in its first parallel region."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        torch.set_num_threads(threads)
-        conn.send(("ok", measure_compute(cfg, x, y, num_classes, sizes, repeats)))
-    except BaseException as e:  # noqa: BLE001 - reported in the parent
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return measure_compute(cfg, x, y, num_classes, sizes, repeats)
     finally:
-        conn.close()
+        torch.set_num_threads(previous)
 
 
 def measure_link(up_cap: int, down_cap: int, seconds: float = 0.25) -> tuple[float, float]:
@@ -258,7 +259,7 @@ def candidate_splits(cfg, partitions: int) -> list[Optional[int]]:
 
 
 def profile_run(cfg, dataset=None, slowdown: Optional[dict[int, float]] = None) -> Profile:
-    """Measure compute (in a forked process, the nodes' thread count), cut sizes and every
+    """Measure compute (with the nodes' thread count), cut sizes and every
     distinct link of the run."""
     from ..datasets import build_dataset
     from .split import model_partitions
@@ -272,19 +273,10 @@ def profile_run(cfg, dataset=None, slowdown: Optional[dict[int, float]] = None) 
         x, y = torch.cat([x, x]), torch.cat([y, y])
     x, y = x[:b], y[:b]
     threads = node_threads(cfg)
-    ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_compute_child, args=(child, cfg, x, y, dataset.num_classes, sizes,
-                                                    cfg.split.profile_repeats, threads))
-    proc.start()
-    child.close()
     try:
-        status, result = parent.recv()
-    except EOFError:
-        status, result = "error", f"the profiling process died (exit code {proc.exitcode})"
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(f"profiling the model failed: {result}")
+        result = _measure_with_threads(cfg, x, y, dataset.num_classes, sizes, cfg.split.profile_repeats, threads)
+    except Exception as e:
+        raise RuntimeError(f"profiling the model failed: {type(e).__name__}: {e}") from e
     links: dict[int, Link] = {}
     measured: dict[tuple[int, int], tuple[float, float]] = {}
     for uid in range(cfg.num_nodes):
