@@ -157,7 +157,8 @@ class Soak:
                 last_sample = now
                 live = {u: p for u, p in pids.items() if p not in killed_pids}
                 mem = {u: rss(p) for u, p in live.items()}
-                mem = {u: m for u, m in mem.items() if m}  # gone, or exited and not yet reaped (0)
+                # gone, exited and not yet reaped (0), or past its last round (tearing down)
+                mem = {u: m for u, m in mem.items() if m and progress[u] < self.rounds}
                 files = [n for n in (fds(p) for p in live.values()) if n is not None]
                 spool, folders = spool_bytes(spool_parent, set(pids.values()) | killed_pids)
                 never_killed = {u for u in mem if u not in {v for _, v in self.kills}}
@@ -184,7 +185,9 @@ class Soak:
 
     def growth(self) -> list[float]:
         """Memory growth after round 10 of every node never killed (end / round 10 − 1)."""
-        return [self.last_rss[u] / self.at_round_10[u] - 1 for u in self.at_round_10 if u in self.last_rss]
+        killed = {u for _, u in self.kills}
+        return [self.last_rss[u] / self.at_round_10[u] - 1 for u in self.at_round_10
+                if u in self.last_rss and u not in killed]
 
     def report(self) -> list[str]:
         g = self.growth()
