@@ -536,14 +536,17 @@ def run_experiment(
         uids = sorted(set(nodes))
     keep_freed_memory()
     raise_open_files_limit()
+    import torch
+
+    # before any torch work here (a synthetic dataset's is parallel): a node forked after
+    # OpenMP started its threads hangs in its own first parallel region
+    torch.set_num_threads(1)
     dataset = prepare_dataset(cfg)
     prepared = node_cls.prepare(cfg, dataset)
     graph = prepared["graph"]
     for shard in {node_cls.data_shard(cfg, u) for u in uids} - {None}:
         dataset.partition_train(shard[1])  # once here, inherited by every node
     warm_up(cfg)
-    import torch
-
     preload_global_test_set(cfg, torch.channels_last, dataset)  # the layout node_main gives images
     for uid in uids:
         mapping.check_ports_free(uid)

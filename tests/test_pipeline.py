@@ -215,19 +215,28 @@ def test_sends_never_block_the_compute_thread():
     sender.close()
 
 
-def test_profile_with_several_threads_per_node(tmp_path):
-    """The profiler measures with the nodes' thread count in a process whose torch already
-    ran parallel work (a forked measuring child hung in OpenMP's first parallel region)."""
-    import subprocess
-    import sys
-
-    data = {"run": {"procs_per_machine": 2, "threads_per_proc": 2}, "model": {"name": "vgg", "width": 8},
+THREADED = {"run": {"procs_per_machine": 2, "threads_per_proc": 2, "rounds": 1, "progress": False},
+            "model": {"name": "vgg", "width": 8},
             "dataset": {"name": "synthetic", "image_shape": [3, 32, 32], "num_train": 1024, "num_test": 64},
             "node": {"name": "split"}, "training": {"batch_size": 16, "local_steps": 2},
             "split": {"server": 1, "split": 1, "micro_batches": "auto", "profile_repeats": 1}}
+
+
+@pytest.mark.parametrize("command", ["profile", "run"])
+def test_several_threads_per_node(tmp_path, command):
+    """With threads_per_proc > 1 the profiler and a run finish: OpenMP's thread pool is never
+    started before a fork (the synthetic dataset's generation started it, and the profiling
+    child and every node then hung in their first parallel region)."""
+    import subprocess
+    import sys
+
     path = tmp_path / "threads.yaml"
-    path.write_text(yaml.safe_dump(data))
-    out = subprocess.run([sys.executable, "-m", "dflsplit.cli", "profile", str(path)], capture_output=True,
+    path.write_text(yaml.safe_dump(THREADED))
+    extra = ["--out", str(tmp_path / "run")] if command == "run" else []
+    out = subprocess.run([sys.executable, "-m", "dflsplit.cli", command, str(path), *extra], capture_output=True,
                          text=True, timeout=240)
     assert out.returncode == 0, out.stderr
-    assert "2 torch thread(s)" in out.stdout and "choice: split: 1, micro_batches: " in out.stdout
+    if command == "profile":
+        assert "2 torch thread(s)" in out.stdout and "choice: split: 1, micro_batches: " in out.stdout
+    else:
+        assert "2 nodes, 1 rounds" in out.stderr + out.stdout

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import multiprocessing as mp
 import statistics
 import sys
 import threading
@@ -49,6 +50,7 @@ CANDIDATE_MICRO = (1, 2, 4, 8, 16)
 #: epochs longer than this many steps are simulated for this many and scaled
 MAX_SIMULATED_STEPS = 16
 UNLIMITED = float("inf")
+PROFILE_TIMEOUT = 600.0  # seconds for the compute measurements
 
 
 @dataclass
@@ -179,16 +181,38 @@ def measure_compute(cfg, x: torch.Tensor, y: torch.Tensor, num_classes: int, siz
     return {"fwd": fwd, "bwd": bwd, "update": update, "out_bytes": out_bytes, "param_bytes": param_bytes}
 
 
-def _measure_with_threads(cfg, x, y, num_classes, sizes, repeats, threads) -> dict[str, Any]:
-    """measure_compute with `threads` torch threads, the process's own count restored after.
-    In this process: a forked child would inherit OpenMP's thread pool without its
-    threads and hang in its first parallel region."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+def _compute_child(conn, cfg, x, y, num_classes, sizes, repeats, threads) -> None:
     try:
-        return measure_compute(cfg, x, y, num_classes, sizes, repeats)
+        torch.set_num_threads(threads)
+        conn.send(("ok", measure_compute(cfg, x, y, num_classes, sizes, repeats)))
+    except BaseException as e:  # noqa: BLE001 - reported in the parent
+        conn.send(("error", f"{type(e).__name__}: {e}"))
     finally:
-        torch.set_num_threads(previous)
+        conn.close()
+
+
+def measure_compute_apart(cfg, x, y, num_classes, sizes, repeats, threads) -> dict[str, Any]:
+    """measure_compute with `threads` torch threads in a spawned process. Spawned, not
+    forked: a child forked after the caller's OpenMP started its threads hangs in its first
+    parallel region; and the caller (a launcher about to fork its nodes) starts none."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_compute_child, args=(child, cfg, x, y, num_classes, sizes, repeats, threads),
+                       daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(PROFILE_TIMEOUT):
+            proc.kill()
+            raise RuntimeError(f"profiling the model failed: no result within {PROFILE_TIMEOUT:.0f} s")
+        status, result = parent.recv()
+    except EOFError:
+        status, result = "error", f"the profiling process died (exit code {proc.exitcode})"
+    finally:
+        proc.join(10)
+    if status != "ok":
+        raise RuntimeError(f"profiling the model failed: {result}")
+    return result
 
 
 def measure_link(up_cap: int, down_cap: int, seconds: float = 0.25) -> tuple[float, float]:
@@ -259,7 +283,7 @@ def candidate_splits(cfg, partitions: int) -> list[Optional[int]]:
 
 
 def profile_run(cfg, dataset=None, slowdown: Optional[dict[int, float]] = None) -> Profile:
-    """Measure compute (with the nodes' thread count), cut sizes and every
+    """Measure compute (in a spawned process, the nodes' thread count), cut sizes and every
     distinct link of the run."""
     from ..datasets import build_dataset
     from .split import model_partitions
@@ -273,10 +297,7 @@ def profile_run(cfg, dataset=None, slowdown: Optional[dict[int, float]] = None) 
         x, y = torch.cat([x, x]), torch.cat([y, y])
     x, y = x[:b], y[:b]
     threads = node_threads(cfg)
-    try:
-        result = _measure_with_threads(cfg, x, y, dataset.num_classes, sizes, cfg.split.profile_repeats, threads)
-    except Exception as e:
-        raise RuntimeError(f"profiling the model failed: {type(e).__name__}: {e}") from e
+    result = measure_compute_apart(cfg, x, y, dataset.num_classes, sizes, cfg.split.profile_repeats, threads)
     links: dict[int, Link] = {}
     measured: dict[tuple[int, int], tuple[float, float]] = {}
     for uid in range(cfg.num_nodes):
