@@ -29,13 +29,13 @@ from dataclasses import dataclass
 class PathModel:
     """Constants of the path model (seconds, bytes per second)."""
 
-    inline_latency: float = 0.002  # a
-    torrent_fixed: float = 0.060  # T0
-    torrent_per_receiver: float = 0.004  # r
-    hash_rate: float = 400e6  # H
-    swarm_overhead: float = 1.25  # C
-    direct_rate: float = 200e6  # B: the control plane's rate, one sender, no cap, one machine
-    machine_rate: float = 600e6  # M: bytes per second a machine moves between its processes
+    inline_latency: float = 0.0012  # a
+    torrent_fixed: float = 0.030  # T0
+    torrent_per_receiver: float = 0.0106  # r
+    hash_rate: float = 1e12  # H: not a bottleneck at these sizes (the fit sends it to infinity)
+    swarm_overhead: float = 1.89  # C
+    direct_rate: float = 347e6  # B: the control plane's rate, one sender, no cap, one machine
+    machine_rate: float = 243e6  # M: bytes per second a machine moves between its processes
 
     def inline_seconds(self, nbytes: int, receivers: int, upload: float, download: float) -> float:
         return max(receivers * nbytes / upload, nbytes / download) + self.inline_latency
@@ -66,5 +66,7 @@ class PathModel:
 
 
 #: the calibration the defaults come from
-CALIBRATION = "initial estimates from eval/bench/results/comm.txt (2026-11-23), to be fitted by comm.py --rows paths"
+CALIBRATION = ("fitted by `python eval/bench/comm.py --rows paths --calibrate` on 2026-12-02 (vm, 2 CPUs; "
+               "eval/bench/results/comm_paths_calibration.txt); the fit leaves T0 unidentified (0: r absorbs it), set to "
+               "30 ms, between a 64 KiB torrent to one receiver uncapped (6 ms) and under a 10 MB/s cap (77 ms)")
 DEFAULT_MODEL = PathModel()
