@@ -27,6 +27,20 @@ def base_port():
     return next_base_port(20)
 
 
+def term_context(ctx, timeout=10.0):
+    """End a test's own ZeroMQ context (its hand-made stranger sockets): every socket closed
+    without lingering, then terminated, in a thread. zmq_ctx_term blocks in C, where no
+    test timeout reaches it; a context that does not end within `timeout` is left behind
+    with a warning (it is the test's harness, not the node under test)."""
+    import warnings
+
+    ender = threading.Thread(target=ctx.destroy, kwargs={"linger": 0}, daemon=True)
+    ender.start()
+    ender.join(timeout)
+    if ender.is_alive():
+        warnings.warn(f"a test's ZeroMQ context did not terminate within {timeout:g} s", stacklevel=2)
+
+
 def in_parallel(fns, timeout=60):
     """Run the callables in threads at once; re-raise the first error any of them raised."""
     errors = []

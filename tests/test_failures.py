@@ -25,7 +25,7 @@ from dflsplit.mappings import LinearMapping
 from dflsplit.node.checkpoint import pack, read_checkpoint, repair_results, unpack, write_checkpoint
 from dflsplit.results import read_run
 
-from conftest import in_parallel, next_base_port
+from conftest import in_parallel, next_base_port, term_context
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "eval" / "configs" / "default.yaml"
@@ -129,7 +129,7 @@ def test_an_oversized_control_frame_is_dropped_and_counted_and_the_node_goes_on(
         ts[0].publish("model/0", {"x": torch.ones(3)}, to=[1])
         assert torch.equal(ts[1].receive("model/0", 0).tensors["x"], torch.ones(3))
     finally:
-        ctx.term()
+        term_context(ctx)
         close(ts)
 
 

@@ -23,7 +23,7 @@ from dflsplit.communication.codec import encode
 from dflsplit.mappings import ports_free
 from dflsplit.results import read_json, read_run
 
-from conftest import next_base_port
+from conftest import next_base_port, term_context
 
 pytestmark = pytest.mark.slow
 
@@ -176,7 +176,7 @@ def test_ten_thousand_hostile_frames_change_nothing(tmp_path):
             os.killpg(fuzzed.pid, signal.SIGKILL)
         for s in sockets.values():
             s.close(0)
-        ctx.term()
+        term_context(ctx)
     assert sent >= 10_000, sent
     assert fuzzed.returncode == 0, err
     a, b = read_run(tmp_path / "reference"), read_run(tmp_path / "fuzzed")

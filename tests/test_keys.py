@@ -15,7 +15,7 @@ from dflsplit.config import load_config, section_from_dict
 from dflsplit.launch import run_experiment
 from dflsplit.mappings import LinearMapping
 
-from conftest import in_parallel, next_base_port
+from conftest import in_parallel, next_base_port, term_context
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_only_the_run_keys_and_the_matching_id_get_through(keys, tmp_path):
     finally:
         for s in socks:
             s.close(0)
-        ctx.term()
+        term_context(ctx)
         close(ts)
 
 

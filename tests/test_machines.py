@@ -23,7 +23,7 @@ from dflsplit.mappings import LinearMapping, MappingError
 from dflsplit.mappings.hosts import expand_hostlist, local_machine_id, slurm_hosts
 from dflsplit.results import merge_runs, read_json, read_run
 
-from conftest import in_parallel, next_base_port
+from conftest import in_parallel, next_base_port, term_context
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SH = ROOT / "eval" / "run.sh"
@@ -259,7 +259,7 @@ def test_a_stranger_claiming_a_node_id_first_cannot_block_or_replace_it():
     finally:
         for s in socks:
             s.close(0)
-        ctx.term()
+        term_context(ctx)
     assert node0.dropped.counts()["frame from a connection that is not an authenticated node"] >= 3
 
 

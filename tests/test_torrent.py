@@ -27,7 +27,7 @@ from dflsplit.communication.torrent_settings import rate_limited_everywhere
 from dflsplit.config import CommunicationConfig, section_from_dict
 from dflsplit.mappings import LinearMapping
 
-from conftest import in_parallel, next_base_port
+from conftest import in_parallel, next_base_port, term_context
 from test_torrent_receiver import frame, torrent_bytes
 
 MB = 1 << 20
@@ -408,7 +408,7 @@ def test_only_hosts_of_the_mapping_may_connect():
                                           {"torrent": torch.zeros(4, dtype=torch.uint8)})])
         time.sleep(0.3)
         s.close(0)
-        ctx.term()
+        term_context(ctx)
         assert ts[1].progress("evil", 77) is None and len(ts[1].mailbox) == 0
 
 

@@ -14,7 +14,7 @@ from dflsplit.communication.ratelimit import TokenBucket
 from dflsplit.config import CommunicationConfig
 from dflsplit.mappings import LinearMapping, MappingError
 
-from conftest import in_parallel
+from conftest import in_parallel, term_context
 
 
 def start_all(n, base_port, **cfg_kw):
@@ -118,7 +118,7 @@ def test_unknown_ids_and_malformed_frames_are_dropped(base_port):
             ts[1].receive_any(timeout=0.3, prefix="evil")
         assert len(ts[1].mailbox) == 0
     finally:
-        ctx.term()
+        term_context(ctx)
         close_all(ts)
 
 
