@@ -103,10 +103,9 @@ def pick_device(name: str) -> str:
 
 def threads_per_process(cfg: Config) -> int:
     """Torch threads per node so that the machine's node processes share its cores."""
-    if cfg.run.threads_per_proc > 0:
-        return cfg.run.threads_per_proc
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // cfg.run.procs_per_machine)
+    from .node.base import node_threads
+
+    return node_threads(cfg)
 
 
 def raise_open_files_limit() -> None:
@@ -152,9 +151,10 @@ class FairSemaphore:
 def computing_nodes(cfg: Config) -> int:
     """How many of a process's nodes compute at once: its share of the machine's cores
     (at least one)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from .node.base import machine_cores
+
     processes = math.ceil(cfg.run.procs_per_machine / cfg.run.nodes_per_process)
-    return max(1, cores // processes)
+    return max(1, machine_cores() // processes)
 
 
 def keep_freed_memory() -> None:
@@ -360,13 +360,18 @@ def _child(cfg: Config, uids: list[int], run_dir: Path, mapping, prepared, event
         logging.getLogger(f"dflsplit.node.{uid}").exception("node %d failed", uid)
         events.put({"event": "error", "uid": uid, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
 
-    def run_one(uid: int) -> None:
+    def run_one(uid: int) -> bool:
+        """Run node `uid`; False when it failed (reported). SIGTERM (NodeStopped) reaches
+        only the main thread, and goes on from there."""
         try:
             run_node(nodes[uid])
+        except NodeStopped:
+            raise
         except BaseException as e:
             failed(uid, e)
-            return
+            return False
         events.put({"event": "done", "uid": uid, "time": time.time()})
+        return True
 
     status = 0
     try:
@@ -384,15 +389,8 @@ def _child(cfg: Config, uids: list[int], run_dir: Path, mapping, prepared, event
         main.name = "MainThread"
         if len(uids) == 1 and nodes:
             (uid,) = nodes
-            try:
-                run_node(nodes[uid])
-            except NodeStopped:
-                raise
-            except BaseException as e:
-                failed(uid, e)
+            if not run_one(uid):
                 status = 1
-            else:
-                events.put({"event": "done", "uid": uid, "time": time.time()})
         else:
             threads = [threading.Thread(target=run_one, args=(u,), name=f"node-{u}", daemon=True) for u in nodes]
             for t in threads:

@@ -22,6 +22,17 @@ from ..training import evaluate
 NODES: Registry[type["Node"]] = Registry("node")
 
 
+def machine_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def node_threads(cfg) -> int:
+    """Torch threads a node process gets: ``run.threads_per_proc``, else its share of the
+    machine's cores among the machine's node processes (at least one)."""
+    return cfg.run.threads_per_proc or max(1, machine_cores() // cfg.run.procs_per_machine)
+
+
 class PeerView:
     """The peers a node still waits for (``run.on_peer_failure: skip``).
 

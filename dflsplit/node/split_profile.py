@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..mappings.stages import StageMapping, device_server_rows, task_label, uid_to_client, client_to_uid
+from .base import machine_cores, node_threads
 from .split_schedule import DataflowQueue, PipelineSchedule
 
 log = logging.getLogger("dflsplit.profile")
@@ -95,19 +96,6 @@ class Profile:
             return table[lo][partition - 1] * size / lo
         a, b = table[lo][partition - 1], table[hi][partition - 1]
         return a + (b - a) * (size - lo) / (hi - lo)
-
-
-def machine_cores() -> int:
-    """Cores this process may run on."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def node_threads(cfg) -> int:
-    """Torch threads a node of the run gets (``run.threads_per_proc``, else the cores shared
-    by the machine's node processes), as the launcher gives them."""
-    return cfg.run.threads_per_proc or max(1, machine_cores() // cfg.run.procs_per_machine)
 
 
 def micro_sizes(batch: int, micro: int) -> list[int]:
