@@ -215,6 +215,55 @@ def test_sends_never_block_the_compute_thread():
     sender.close()
 
 
+def test_a_gradient_passes_activations_queued_before_it():
+    """The sender's queue goes by priority, in order within one: while the link carries an
+    activation, a gradient queued after two more activations goes next (the peer's backward
+    waits on it), then the activations in their order, then a replica share."""
+    import threading
+
+    from dflsplit.node.split import Sender
+
+    class HeldTransport:
+        def __init__(self):
+            self.release, self.entered, self.published = threading.Event(), threading.Event(), []
+
+        def publish(self, key, tensors, to, header):
+            self.entered.set()
+            assert self.release.wait(30)
+            self.published.append(key)
+
+    transport = HeldTransport()
+    sender = Sender(transport, uid=0)
+    x = {"x": torch.zeros(1)}
+    sender.publish("act0", x, [1], priority=Sender.ACTIVATION)
+    assert transport.entered.wait(30)  # act0 is on the link
+    sender.publish("share", x, [1])
+    sender.publish("act1", x, [1], priority=Sender.ACTIVATION)
+    sender.publish("act2", x, [1], priority=Sender.ACTIVATION)
+    sender.publish("grad0", x, [1], priority=Sender.GRADIENT)
+    transport.release.set()
+    sender.flush(30)
+    assert transport.published == ["act0", "grad0", "act1", "act2", "share"]
+    sender.close()
+
+
+def test_simulated_uplink_lets_gradients_pass(monkeypatch):
+    """The simulation's uplink orders payloads as the sender does. A device keeping
+    partitions 1 and 3 (its loss) sends four activations up a slow link and, for each
+    micro-batch, partition 3's gradient: in a first-in-first-out queue the first gradient
+    waits behind the activations queued before it, and the server's backwards with it."""
+    from dflsplit.node import split_profile as sp
+
+    up = 1e5
+    links = {0: Link(int(up), 0, up, UNLIMITED), 1: Link(0, 0, UNLIMITED, UNLIMITED)}
+    m = StageMapping(device_server_rows(2, 2, 3, 1), 3)
+    plans = {c: SplitPlan(m, c, 4, sync="none", trainers=[1], schedule="gpipe") for c in (1, 2)}
+    by_priority = simulate(PipelineSchedule(plans), linear_profile(links), steps=2).seconds
+    monkeypatch.setattr(sp, "SEND_PRIORITY", {})  # every payload alike: first in, first out
+    in_order = simulate(PipelineSchedule(plans), linear_profile(links), steps=2).seconds
+    assert by_priority < in_order
+
+
 THREADED = {"run": {"procs_per_machine": 2, "threads_per_proc": 2, "rounds": 1, "progress": False},
             "model": {"name": "vgg", "width": 8},
             "dataset": {"name": "synthetic", "image_shape": [3, 32, 32], "num_train": 1024, "num_test": 64},

@@ -53,6 +53,7 @@ from __future__ import annotations
 import copy
 import csv
 import fcntl
+import itertools
 import math
 import os
 import queue
@@ -242,26 +243,33 @@ class Clock:
 
 
 class Sender:
-    """Publishes in a background thread, in order, so that compute never waits on a send
-    (spooling, hashing, rate limits, a torrent to seed). `busy` sums the seconds spent
-    publishing (the time the node's uplink carried its payloads); an error is raised
-    on the compute thread by `check`."""
+    """Publishes in a background thread so that compute never waits on a send (spooling,
+    hashing, rate limits, a torrent to seed). Queued payloads go out by `priority` (lower
+    first), in order within one priority: a gradient (``GRADIENT``) passes activations
+    queued before it, because the peer's backward and this node's next forward wait on
+    it, and replica shares (``SHARE``) go last. `busy` sums the seconds spent publishing
+    (the time the node's uplink carried its payloads); an error is raised on the compute
+    thread by `check`."""
+
+    GRADIENT, ACTIVATION, SHARE = 0, 1, 2
 
     def __init__(self, transport, uid: int):
         self.transport = transport
         self.busy = 0.0
         self.error: Optional[BaseException] = None
-        self._jobs: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        self._jobs: "queue.PriorityQueue[tuple]" = queue.PriorityQueue()
+        self._order = itertools.count()
         self._thread = threading.Thread(target=self._loop, name=f"split-send-{uid}", daemon=True)
         self._thread.start()
 
-    def publish(self, key: str, tensors: dict[str, torch.Tensor], to: list[int], header: dict | None = None) -> None:
+    def publish(self, key: str, tensors: dict[str, torch.Tensor], to: list[int], header: dict | None = None,
+                priority: int = SHARE) -> None:
         self.check()
-        self._jobs.put((key, tensors, to, dict(header or {})))
+        self._jobs.put((priority, next(self._order), (key, tensors, to, dict(header or {}))))
 
     def _loop(self) -> None:
         while True:
-            job = self._jobs.get()
+            _, _, job = self._jobs.get()
             try:
                 if job is None:
                     return
@@ -290,7 +298,7 @@ class Sender:
             raise SplitError(f"sends still queued after {timeout:g} s (communication.timeout)")
 
     def close(self) -> None:
-        self._jobs.put(None)
+        self._jobs.put((math.inf, next(self._order), None))
         self._thread.join(timeout=5)
 
 
@@ -582,7 +590,8 @@ class SplitNode(Node):
     def _send(self, a: Action) -> None:
         tok = (a.what, a.step, a.owner, a.partition, a.micro)
         value = self.outbox.pop(tok)
-        self.sender.publish(PREFIX + "/".join(map(str, tok)), {"x": value}, [client_to_uid(a.peer)])
+        self.sender.publish(PREFIX + "/".join(map(str, tok)), {"x": value}, [client_to_uid(a.peer)],
+                            priority=Sender.GRADIENT if a.what == "grad" else Sender.ACTIVATION)
 
     def _recv(self, a: Action) -> None:
         tok = (a.what, a.step, a.owner, a.partition, a.micro)

@@ -17,8 +17,10 @@
 nodes execute) in time: every client computes one action at a time with the measured
 durations; a payload first holds its sender's uplink, then its receiver's downlink
 (what the emulated links do: the sender's token bucket, then the receiver's), each a
-queue of its own. `choose` simulates one epoch for every candidate (device/server
-split x micro-batches 1, 2, 4, 8, 16) and keeps the shortest. `plan_offloading` uses the
+queue of its own; a sender's queue lets gradients pass activations, and both pass
+replica shares, as the nodes' `split.Sender` does. `choose` simulates one epoch for
+every candidate (device/server split x micro-batches 1, 2, 4, 8, 16) and keeps the
+shortest. `plan_offloading` uses the
 same profile to place the middle partitions of N owners' pipelines on the clients that
 finish them first (earliest-finish-time list scheduling), each row ordered by stage so
 the stage validator accepts it. The simulation lets at most as many clients compute at
@@ -330,6 +332,10 @@ def _payload_bytes(profile: Profile, token, M: int) -> int:
     return 0
 
 
+#: a sender's order (lower first), as `split.Sender`'s: gradients, activations, replica shares
+SEND_PRIORITY = {"net_grad": 0, "net_act": 1}
+
+
 def simulate(schedule: PipelineSchedule, profile: Profile, steps: int) -> Simulated:
     """Run `steps` steps of `schedule` in time with `profile`'s durations and links (see
     the module docstring)."""
@@ -342,7 +348,8 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int) -> Simula
             queues[c].produce(tok)
         for t in range(steps):
             queues[c].add_all(schedule.ordered(c, t))
-    up_free = dict.fromkeys(clients, 0.0)
+    uplink: dict[int, list] = {c: [] for c in clients}  # payloads waiting for the sender's uplink
+    sending = dict.fromkeys(clients, False)
     down_free = dict.fromkeys(clients, 0.0)
     busy = dict.fromkeys(clients, 0.0)
     waiting_since = dict.fromkeys(clients, 0.0)  # who waits longest for a core goes first
@@ -357,6 +364,15 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int) -> Simula
         link = profile.links.get(uid[c])
         r = (link.up if way == "up" else link.down) if link else UNLIMITED
         return r if r > 0 else UNLIMITED
+
+    def send_next(c: int) -> None:
+        nonlocal seq
+        if sending[c] or not uplink[c]:
+            return
+        _, _, dest, tok, n = heapq.heappop(uplink[c])
+        sending[c] = True
+        heapq.heappush(events, (now + n / rate(c, "up"), seq, "uplinked", (c, dest, tok, n)))
+        seq += 1
 
     while True:
         for c in sorted(clients, key=lambda c: (waiting_since[c], c)):
@@ -389,12 +405,13 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int) -> Simula
                     queues[c].produce(tok)
                     continue
                 n = _payload_bytes(profile, tok, plans[c].M)
-                start = max(now, up_free[c])
-                up_free[c] = start + n / rate(c, "up")
-                heapq.heappush(events, (up_free[c], seq, "uplinked", (dest, tok, n)))
+                heapq.heappush(uplink[c], (SEND_PRIORITY.get(tok[0], 2), seq, dest, tok, n))
                 seq += 1
+                send_next(c)
         elif kind == "uplinked":
-            dest, tok, n = data
+            c, dest, tok, n = data
+            sending[c] = False
+            send_next(c)
             start = max(now, down_free[dest])
             down_free[dest] = start + n / rate(dest, "down")
             heapq.heappush(events, (down_free[dest], seq, "arrived", (dest, tok)))
