@@ -280,6 +280,8 @@ class SplitConfig:
         "parallel", "parallel: every owner trains every step; relay: owners take turns of one sync period")
     profile_repeats: int = key(3, "with split or micro_batches auto: timings per measurement of the profiler", gt=0)
     save_model: bool = key(False, "each node writes its final model to split_model_<uid>.safetensors")
+    trace: bool = key(False, "each node writes its timeline (compute actions, uplink, arrivals) to "
+                             "trace_<uid>.json, merged into trace.json: Chrome trace events for ui.perfetto.dev")
 
 
 @dataclass

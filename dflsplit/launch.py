@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator
 from .config import Config, dump_config
 from .coordinator import BarrierFailed, Coordinator, RunAborted
 from .mappings import LinearMapping
-from .results import machine_dir, read_json, read_run, summarize, write_json, write_summary
+from .results import machine_dir, merge_traces, read_json, read_run, summarize, write_json, write_summary
 
 log = logging.getLogger("dflsplit.launch")
 
@@ -582,6 +582,7 @@ def run_experiment(
                 "transport": cfg.communication.name, "launch_time": launch, **timing,
             }
             write_summary(mdir, {**summary, **summarize(records)})
+            merge_traces(mdir)
             if cfg.run.machine_id != 0:
                 coord.gather(records, 0)
                 return {**summary, **summarize(records)}

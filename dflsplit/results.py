@@ -12,6 +12,8 @@ Layout of a run folder (one per run; every machine of the run writes its own sub
         node_<uid>.jsonl       one record per round (appended, never rewritten)
         node_<uid>.log         the node's log
         checkpoints/           each node's last checkpoint (run.checkpoint_every)
+        trace_<uid>.json       split.trace: the node's timeline (Chrome trace events)
+        trace.json             split.trace: this machine's timelines in one
 
 `read_run` also reads flat folders (node files directly in the run folder).
 """
@@ -98,6 +100,21 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     if not vals:
         return math.nan, math.nan
     return statistics.fmean(vals), (statistics.pstdev(vals) if len(vals) > 1 else 0.0)
+
+
+def merge_traces(folder: str | Path) -> Path | None:
+    """Write the events of every ``trace_<uid>.json`` in `folder` (the nodes' timelines,
+    ``split.trace``) to ``trace.json`` there, one file for ui.perfetto.dev or
+    chrome://tracing; None when there are none."""
+    folder = Path(folder)
+    parts = sorted(folder.glob("trace_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+    if not parts:
+        return None
+    events = [e for part in parts for e in json.loads(part.read_text())["traceEvents"]]
+    path, tmp = folder / "trace.json", folder / "trace.json.tmp"
+    tmp.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    os.replace(tmp, path)
+    return path
 
 
 def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> Path:

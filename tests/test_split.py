@@ -430,7 +430,7 @@ def device_server_config(tmp_path, base_port, *overrides):
 
 @pytest.mark.slow
 def test_device_server_mode_trains_every_sample_once_per_epoch_and_writes_results_csv(tmp_path, base_port):
-    cfg = device_server_config(tmp_path, base_port)
+    cfg = device_server_config(tmp_path, base_port, "split.trace=true")
     summary = run_experiment(cfg, tmp_path / "run")
     epoch = split_timeline(cfg)[0]
     assert epoch == 12  # 1437 digits over 4 devices: 359 or 360 samples, 12 batches of 32 (the last smaller)
@@ -462,6 +462,29 @@ def test_device_server_mode_trains_every_sample_once_per_epoch_and_writes_result
         assert float(row["forward_s"]) == pytest.approx(sum(r["forward_seconds"] for r in records[u]), rel=1e-4)
         assert (int(row["held_end"]), int(row["mailbox_end"]), int(row["spool_end_bytes"])) == (0, 0, 0)
     assert float(rows[4]["forward_s"]) > 0 and float(rows[0]["forward_s"]) > 0  # both sides compute
+    check_trace(Path(summary["machine_dir"]), epoch)
+
+
+def check_trace(folder: Path, epoch: int) -> None:
+    """split.trace: every node's timeline, merged into trace.json: one compute track that
+    never overlaps itself, with every forward the schedule has (2 epochs x `epoch` steps x 4
+    micro-batches; a device forwards partitions 1 and 4 of its pipeline, the server
+    partitions 2 and 3 of the four devices'), and each device's uplink carrying its
+    activations and its gradients."""
+    merged = json.loads((folder / "trace.json").read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in merged if e["name"] == "process_name"}
+    assert names == {u: f"node {u} (client {u + 1}, {'server' if u == 4 else 'device'})" for u in range(5)}
+    for u in range(5):
+        own = json.loads((folder / f"trace_{u}.json").read_text())["traceEvents"]
+        assert [e for e in merged if e["pid"] == u] == own
+        spans = sorted((e for e in own if e["ph"] == "X" and e["tid"] == 1), key=lambda e: e["ts"])
+        assert all(a["ts"] + a["dur"] <= b["ts"] + 1 for a, b in zip(spans, spans[1:]))  # one compute thread
+        forwards = [e for e in spans if e["args"]["kind"] == "fwd"]
+        assert len(forwards) == 2 * epoch * 4 * (2 if u < 4 else 2 * 4)
+        if u < 4:
+            sent = [e["name"] for e in own if e["ph"] == "X" and e["tid"] == 2]
+            assert sum(k.startswith("split/x/act/") for k in sent) == 2 * epoch * 4
+            assert sum(k.startswith("split/x/grad/") for k in sent) == 2 * epoch * 4
 
 
 @pytest.mark.slow

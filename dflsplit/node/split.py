@@ -54,6 +54,7 @@ import copy
 import csv
 import fcntl
 import itertools
+import json
 import math
 import os
 import queue
@@ -242,6 +243,33 @@ class Clock:
             self._moved[activity] = self._moved.get(activity, 0.0) + time.perf_counter() - t0
 
 
+class Timeline:
+    """One node's timeline for ``split.trace``, as Chrome trace events (ui.perfetto.dev,
+    chrome://tracing): compute actions on one track, the payloads the uplink carried on a
+    second, arrivals (from the sender's time stamp to their receipt) on a third. Times
+    are wall-clock microseconds, so the timelines of one machine's nodes line up."""
+
+    TRACKS = {"compute": 1, "uplink": 2, "arrivals": 3}
+
+    def __init__(self, uid: int, name: str):
+        self.uid = uid
+        self.events: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": uid, "args": {"name": name}}]
+        self.events += [{"name": "thread_name", "ph": "M", "pid": uid, "tid": tid, "args": {"name": track}}
+                        for track, tid in self.TRACKS.items()]
+        self._lock = threading.Lock()
+
+    def span(self, track: str, name: str, start: float, end: float, **args: Any) -> None:
+        """A complete event on `track` from `start` to `end` (time.time() seconds)."""
+        event = {"name": name, "ph": "X", "pid": self.uid, "tid": self.TRACKS[track], "ts": start * 1e6,
+                 "dur": max(0.0, end - start) * 1e6, "args": args}
+        with self._lock:
+            self.events.append(event)
+
+    def write(self, path: Path) -> None:
+        with self._lock:
+            path.write_text(json.dumps({"traceEvents": self.events, "displayTimeUnit": "ms"}))
+
+
 class Sender:
     """Publishes in a background thread so that compute never waits on a send (spooling,
     hashing, rate limits, a torrent to seed). Queued payloads go out by `priority` (lower
@@ -253,8 +281,9 @@ class Sender:
 
     GRADIENT, ACTIVATION, SHARE = 0, 1, 2
 
-    def __init__(self, transport, uid: int):
+    def __init__(self, transport, uid: int, timeline: Optional[Timeline] = None):
         self.transport = transport
+        self.timeline = timeline
         self.busy = 0.0
         self.error: Optional[BaseException] = None
         self._jobs: "queue.PriorityQueue[tuple]" = queue.PriorityQueue()
@@ -276,9 +305,11 @@ class Sender:
                 if self.error is None:
                     key, tensors, to, header = job
                     t0 = time.perf_counter()
-                    header["sent"] = time.time()
+                    header["sent"] = start = time.time()
                     self.transport.publish(key, tensors, to=to, header=header)
                     self.busy += time.perf_counter() - t0
+                    if self.timeline is not None:
+                        self.timeline.span("uplink", key, start, time.time(), to=to)
             except BaseException as e:  # noqa: BLE001 - raised on the compute thread
                 self.error = e
             finally:
@@ -445,13 +476,17 @@ class SplitNode(Node):
 
     # lifecycle ---------------------------------------------------------------------------------
     def run(self) -> None:
-        self.sender = Sender(self.transport, self.uid)
+        self.timeline = Timeline(self.uid, f"node {self.uid} (client {self.client}, {self.role})") \
+            if self.cfg.split.trace else None
+        self.sender = Sender(self.transport, self.uid, self.timeline)
         self._receiver = threading.Thread(target=self._receive_loop, name=f"split-recv-{self.uid}", daemon=True)
         self._receiver.start()
         try:
             super().run()
             self.sender.flush(self.cfg.communication.timeout)
             self._write_results_csv()
+            if self.timeline is not None:
+                self.timeline.write(Path(self.ctx.get("run_dir", ".")) / f"trace_{self.uid}.json")
         finally:
             self._stop.set()
             self.sender.close()
@@ -485,8 +520,12 @@ class SplitNode(Node):
             clock.charge("receive")
             action = self.queue.pop()
             if action is not None:
+                began = time.time()
                 self._run(action)
                 clock.charge(ACTIVITY[action.kind])
+                if self.timeline is not None and action.kind not in ("send", "recv"):
+                    self.timeline.span("compute", action.label(self.P), began, time.time(), step=action.step,
+                                       kind=action.kind)
                 peak = max(peak, len(self.saved))
                 deadline = time.monotonic() + timeout
                 continue
@@ -681,7 +720,10 @@ class SplitNode(Node):
                 self.log.warning("node %d: dropped %r from node %d: %s", self.uid, msg.key, msg.sender, e)
                 continue
             sent = msg.header.get("sent")
-            latency = arrived - sent if isinstance(sent, (int, float)) and not isinstance(sent, bool) else 0.0
+            stamped = isinstance(sent, (int, float)) and not isinstance(sent, bool)
+            latency = arrived - sent if stamped else 0.0
+            if self.timeline is not None and stamped:
+                self.timeline.span("arrivals", msg.key, min(sent, arrived), arrived, sender=msg.sender)
             self.arrivals.put((tok, payload, max(0.0, latency)))
 
     def _take_arrivals(self, deadline: Optional[float]) -> bool:
