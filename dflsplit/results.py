@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 from pathlib import Path
 from typing import Any, Iterable
@@ -107,7 +108,8 @@ def merge_traces(folder: str | Path) -> Path | None:
     ``split.trace``) to ``trace.json`` there, one file for ui.perfetto.dev or
     chrome://tracing; None when there are none."""
     folder = Path(folder)
-    parts = sorted(folder.glob("trace_*.json"), key=lambda p: int(p.stem.split("_")[1]))
+    parts = sorted((p for p in folder.glob("trace_*.json") if re.fullmatch(r"trace_\d+\.json", p.name)),
+                   key=lambda p: int(p.stem.split("_")[1]))
     if not parts:
         return None
     events = [e for part in parts for e in json.loads(part.read_text())["traceEvents"]]

@@ -20,11 +20,11 @@ durations; a payload first holds its sender's uplink, then its receiver's downli
 queue of its own; a sender's queue lets gradients pass activations, and both pass
 replica shares, as the nodes' `split.Sender` does. `choose` simulates one epoch for
 every candidate (device/server split x micro-batches 1, 2, 4, 8, 16) and keeps the
-shortest. `plan_offloading` uses the
-same profile to place the middle partitions of N owners' pipelines on the clients that
-finish them first (earliest-finish-time list scheduling), each row ordered by stage so
-the stage validator accepts it. The simulation lets at most as many clients compute at
-once as the machine has cores for their threads (the nodes of one machine share them).
+shortest. `plan_offloading` uses the same profile to place the middle partitions of N
+owners' pipelines on the clients that finish them first (earliest-finish-time list
+scheduling), each row ordered by stage so the stage validator accepts it. The
+simulation lets at most as many clients compute at once as the machine has cores for
+their threads (the nodes of one machine share them).
 """
 
 from __future__ import annotations
