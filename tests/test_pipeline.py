@@ -63,6 +63,11 @@ def test_auto_is_for_one_machine(tmp_path):
                                                                     "run.hosts={0: 127.0.0.1, 1: 127.0.0.2}"])
 
 
+def test_split_nodes_refuse_checkpoints_they_could_not_resume_from(tmp_path):
+    with pytest.raises(ConfigError, match="key 'checkpoint_every': split nodes are not checkpointed"):
+        load_config(pipar_config(tmp_path), ["run.checkpoint_every=1"])
+
+
 def test_split_nodes_take_their_steps_from_local_sgd(tmp_path):
     with pytest.raises(ConfigError, match="training 'fedprox' is for gossip and federated nodes"):
         load_config(pipar_config(tmp_path), ["training.name=fedprox"])

@@ -427,6 +427,9 @@ class SplitNode(Node):
         if (sp.split == "auto" or sp.micro_batches == "auto") and cfg.run.machines > 1:
             return ("section 'split': keys 'split'/'micro_batches': auto is chosen by profiling one machine; with "
                     "several machines set them (dflsplit profile CONFIG prints the choice)")
+        if cfg.run.checkpoint_every:
+            return ("section 'run': key 'checkpoint_every': split nodes are not checkpointed (their replicas, "
+                    "optimizers and pipelines would restart from scratch on --resume); set it to 0")
         if cfg.training.name != "local_sgd":
             return (f"section 'training': key 'name': split nodes run their own steps (local_sgd's sampler and "
                     f"optimizer); training {cfg.training.name!r} is for gossip and federated nodes")
