@@ -192,23 +192,27 @@ def test_profile_command_measures_and_chooses(tmp_path, capsys):
     assert "the stage validator accepts it (rules 1-6, strict order)" in out
 
 
+class HeldTransport:
+    """A transport whose `publish` holds until `release` is set; it records (key, receivers,
+    header names) of each payload in the order they went out."""
+
+    def __init__(self):
+        import threading
+
+        self.release, self.entered, self.published = threading.Event(), threading.Event(), []
+
+    def publish(self, key, tensors, to, header):
+        self.entered.set()
+        assert self.release.wait(30)
+        self.published.append((key, to, sorted(header)))
+
+
 def test_sends_never_block_the_compute_thread():
     """The sender publishes in its own thread: `publish` returns while the transport is still
     busy with an earlier payload (here: held until released), and order is kept."""
-    import threading
-
     from dflsplit.node.split import Sender
 
-    class SlowTransport:
-        def __init__(self):
-            self.release, self.entered, self.published = threading.Event(), threading.Event(), []
-
-        def publish(self, key, tensors, to, header):
-            self.entered.set()
-            assert self.release.wait(30)
-            self.published.append((key, to, sorted(header)))
-
-    transport = SlowTransport()
+    transport = HeldTransport()
     sender = Sender(transport, uid=0)
     sender.publish("a", {"x": torch.zeros(1)}, [1])
     assert transport.entered.wait(30)  # the sender thread is inside the transport's publish ...
@@ -224,18 +228,7 @@ def test_a_gradient_passes_activations_queued_before_it():
     """The sender's queue goes by priority, in order within one: while the link carries an
     activation, a gradient queued after two more activations goes next (the peer's backward
     waits on it), then the activations in their order, then a replica share."""
-    import threading
-
     from dflsplit.node.split import Sender
-
-    class HeldTransport:
-        def __init__(self):
-            self.release, self.entered, self.published = threading.Event(), threading.Event(), []
-
-        def publish(self, key, tensors, to, header):
-            self.entered.set()
-            assert self.release.wait(30)
-            self.published.append(key)
 
     transport = HeldTransport()
     sender = Sender(transport, uid=0)
@@ -248,7 +241,7 @@ def test_a_gradient_passes_activations_queued_before_it():
     sender.publish("grad0", x, [1], priority=Sender.GRADIENT)
     transport.release.set()
     sender.flush(30)
-    assert transport.published == ["act0", "grad0", "act1", "act2", "share"]
+    assert [key for key, _, _ in transport.published] == ["act0", "grad0", "act1", "act2", "share"]
     sender.close()
 
 
