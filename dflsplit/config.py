@@ -275,6 +275,8 @@ class SplitConfig:
     order: Literal["relaxed", "strict"] = key(
         "relaxed", "relaxed: a client runs any action whose inputs arrived, its schedule's order as priority; "
                    "strict: in its schedule's order, rows in order (rule 6 is checked accordingly)")
+    workers: int = key(1, "compute threads of a split node: actions of different owners' pipelines (a server's "
+                          "devices) run at once, one thread each; each owner's stay in order (relaxed order)", gt=0)
     checkpoint: bool = key(False, "keep only a partition's input and recompute its activations in backward")
     mode: Literal["parallel", "relay"] = key(
         "parallel", "parallel: every owner trains every step; relay: owners take turns of one sync period")

@@ -126,6 +126,24 @@ def test_cores_shared_by_the_nodes_slow_the_simulation_down():
     assert shared == pytest.approx(5 * free)  # five pipelines, one core
 
 
+def test_simulated_server_workers_compute_for_several_devices_at_once():
+    """A server ten times slower than its 4 devices bounds the step; with 2 workers it runs
+    two devices' passes at once and the step takes about half as long. A device runs one
+    pipeline: a second worker changes nothing for it."""
+    links = {u: Link(0, 0, UNLIMITED, UNLIMITED) for u in range(5)}
+    profile = linear_profile(links, P=4, slowdown={4: 10.0})
+    m = StageMapping(device_server_rows(5, 5, 4, 1), 4)
+    sched = PipelineSchedule({c: SplitPlan(m, c, 4, sync="none", trainers=[1, 2, 3, 4]) for c in range(1, 6)})
+    one, two = (simulate(sched, profile, steps=2, workers=w) for w in (1, 2))
+    server_work = 2 * 4 * 10 * sum(F[p % 3] * (1 + p // 3) + B[p % 3] * (1 + p // 3) for p in (1, 2)) \
+        + 2 * 4 * 10 * (U[1] + U[2])  # 2 steps x 4 devices x partitions 2 and 3, 10x slower
+    assert one.busy[5] == pytest.approx(server_work)  # one worker: its work, one action after another
+    assert server_work / 2 <= two.busy[5] < 0.6 * server_work  # two: in half the time, never less
+    assert two.seconds < 0.6 * one.seconds
+    alone = PipelineSchedule({c: SplitPlan(m, c, 4, sync="none", trainers=[1]) for c in range(1, 6)})
+    assert simulate(alone, profile, 2, workers=2).seconds == pytest.approx(simulate(alone, profile, 2).seconds)
+
+
 def test_planner_keeps_the_shortest_simulated_epoch(tmp_path):
     cfg = load_config(pipar_config(tmp_path, split="auto", micro_batches="auto", aggregation_frequency=0))
     slow = {u: Link(1, 1, 1e4, 1e4) for u in range(4)} | {4: Link(0, 0, UNLIMITED, UNLIMITED)}

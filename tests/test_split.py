@@ -28,6 +28,7 @@ from dflsplit.node.split_schedule import (
     Scheduled,
     SplitPlan,
     dry_run,
+    may_start,
 )
 from dflsplit.sharing import weighted_average
 from dflsplit.training import build_optimizer
@@ -84,6 +85,42 @@ def test_strict_queue_runs_its_list_in_order():
     assert q.pop() is None  # `second` is ready, but `first` comes before it
     q.produce(("act", 0, 1, 2, 0))
     assert [q.pop(), q.pop()] == [first, second]
+
+
+def test_queue_pops_the_first_ready_action_a_worker_may_start():
+    """With several workers (``split.workers``): the ready action of lowest priority whose
+    owner has nothing running; sends at any time; a replica sync only alone."""
+    q = DataflowQueue()
+    f1, f2, b2 = Action("fwd", 0, 1, 2), Action("fwd", 0, 2, 2), Action("bwd", 0, 2, 2, 1)
+    send, sync = Action("send", 0, 1, 2, what="act", peer=1), Action("sync", 0, 0, 2)
+    for i, a in enumerate((b2, f1, f2, send, sync)):
+        q.add(Scheduled(a, (), (i,)))
+    running = [Action("fwd", 0, 2, 2, 1)]  # owner 2 computes on one of two workers
+
+    def allowed(a):
+        return may_start(a, running, 2)
+
+    assert q.peek(allowed) == f1 and q.pop(allowed) == f1  # b2 comes first, but its owner is busy
+    running.append(f1)
+    assert q.pop(allowed) == send  # both workers busy: only bookkeeping
+    assert q.pop(allowed) is None
+    running.clear()
+    assert [q.pop(allowed), q.pop(allowed)] == [b2, f2]
+    assert not may_start(sync, [f2], 2) and may_start(sync, [send], 2)  # alone, sends aside
+    assert not may_start(f1, [sync], 2)
+    assert not may_start(send, [f2], 1) and may_start(send, [], 1)  # one worker: one action at a time
+    strict = DataflowQueue(strict=True)
+    strict.add(Scheduled(b2, (), (0,)))
+    strict.add(Scheduled(f1, (), (1,)))
+    assert strict.pop(allowed=lambda a: a.owner == 1) is None  # strict: only the list's next action
+
+
+def test_workers_a_client_uses():
+    m = StageMapping(device_server_rows(5, 5, 4, 1), 4)
+    server, device = SplitPlan(m, 5, trainers=[1, 2, 3, 4]), SplitPlan(m, 1, trainers=[1, 2, 3, 4])
+    assert server.workers(2) == 2 and server.workers(16) == 5  # one per owner it runs partitions of
+    assert device.workers(4) == 1  # one pipeline: in order
+    assert SplitPlan(m, 5, strict=True).workers(4) == 1
 
 
 def test_plan_of_worked_example_client_1():
@@ -386,6 +423,16 @@ def test_pipelined_run_equals_unsplit_reference(tmp_path, base_port, schedule, m
 
 
 @pytest.mark.slow
+def test_run_with_two_workers_equals_unsplit_reference(tmp_path, base_port):
+    """Client 1 runs its own partitions and owner 4's partition 3: with 2 workers their
+    passes overlap, and the weights still equal the unsplit run's."""
+    cfg = split_config(tmp_path, base_port, EXAMPLE, "split.micro_batches=4", "split.schedule=1f1b",
+                       "split.workers=2")
+    run_experiment(cfg, tmp_path / "run")
+    assert_matches_reference(cfg, tmp_path / "run", 20)
+
+
+@pytest.mark.slow
 def test_1f1b_keeps_fewer_activations_alive_than_gpipe_at_8_micro_batches(tmp_path, base_port):
     peaks = {}
     for i, schedule in enumerate(("gpipe", "1f1b")):
@@ -429,8 +476,11 @@ def device_server_config(tmp_path, base_port, *overrides):
 
 
 @pytest.mark.slow
-def test_device_server_mode_trains_every_sample_once_per_epoch_and_writes_results_csv(tmp_path, base_port):
-    cfg = device_server_config(tmp_path, base_port, "split.trace=true")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_device_server_mode_trains_every_sample_once_per_epoch_and_writes_results_csv(tmp_path, base_port, workers):
+    """PiPar's layout trains the unsplit model exactly and accounts for every node's time;
+    with 2 workers the server computes for two devices at once."""
+    cfg = device_server_config(tmp_path, base_port, "split.trace=true", f"split.workers={workers}")
     summary = run_experiment(cfg, tmp_path / "run")
     epoch = split_timeline(cfg)[0]
     assert epoch == 12  # 1437 digits over 4 devices: 359 or 360 samples, 12 batches of 32 (the last smaller)
@@ -462,23 +512,36 @@ def test_device_server_mode_trains_every_sample_once_per_epoch_and_writes_result
         assert float(row["forward_s"]) == pytest.approx(sum(r["forward_seconds"] for r in records[u]), rel=1e-4)
         assert (int(row["held_end"]), int(row["mailbox_end"]), int(row["spool_end_bytes"])) == (0, 0, 0)
     assert float(rows[4]["forward_s"]) > 0 and float(rows[0]["forward_s"]) > 0  # both sides compute
-    check_trace(Path(summary["machine_dir"]), epoch)
+    check_trace(Path(summary["machine_dir"]), epoch, workers)
 
 
-def check_trace(folder: Path, epoch: int) -> None:
-    """split.trace: every node's timeline, merged into trace.json: one compute track that
-    never overlaps itself, with every forward the schedule has (2 epochs x `epoch` steps x 4
-    micro-batches; a device forwards partitions 1 and 4 of its pipeline, the server
-    partitions 2 and 3 of the four devices'), and each device's uplink carrying its
-    activations and its gradients."""
+def check_trace(folder: Path, epoch: int, workers: int = 1) -> None:
+    """split.trace: every node's timeline, merged into trace.json: a compute track per
+    worker (a device has one: its one pipeline) that never overlaps itself, with every
+    forward the schedule has (2 epochs x `epoch` steps x 4 micro-batches; a device
+    forwards partitions 1 and 4 of its pipeline, the server partitions 2 and 3 of the four
+    devices'), and each device's uplink carrying its activations and its gradients. With
+    several workers the server's tracks overlap, never with the same owner's actions."""
     merged = json.loads((folder / "trace.json").read_text())["traceEvents"]
     names = {e["pid"]: e["args"]["name"] for e in merged if e["name"] == "process_name"}
     assert names == {u: f"node {u} (client {u + 1}, {'server' if u == 4 else 'device'})" for u in range(5)}
     for u in range(5):
         own = json.loads((folder / f"trace_{u}.json").read_text())["traceEvents"]
         assert [e for e in merged if e["pid"] == u] == own
-        spans = sorted((e for e in own if e["ph"] == "X" and e["tid"] == 1), key=lambda e: e["ts"])
-        assert all(a["ts"] + a["dur"] <= b["ts"] + 1 for a, b in zip(spans, spans[1:]))  # one compute thread
+        tracks = {e["tid"] for e in own if e["name"] == "thread_name" and e["args"]["name"].startswith("compute")}
+        assert len(tracks) == (workers if u == 4 else 1)
+        spans = sorted((e for e in own if e["ph"] == "X" and e["tid"] in tracks), key=lambda e: e["ts"])
+        for tid in tracks:  # a worker computes one action at a time
+            mine = [e for e in spans if e["tid"] == tid]
+            assert all(a["ts"] + a["dur"] <= b["ts"] + 1 for a, b in zip(mine, mine[1:]))
+        at_once = []  # pairs of actions computed at the same time
+        for i, a in enumerate(spans):
+            for b in spans[i + 1:]:
+                if b["ts"] + 1 >= a["ts"] + a["dur"]:
+                    break
+                at_once.append((a, b))
+        assert all(a["args"]["owner"] != b["args"]["owner"] for a, b in at_once)  # an owner's: one at a time
+        assert bool(at_once) == (u == 4 and workers > 1)
         forwards = [e for e in spans if e["args"]["kind"] == "fwd"]
         assert len(forwards) == 2 * epoch * 4 * (2 if u < 4 else 2 * 4)
         if u < 4:
@@ -557,6 +620,25 @@ def test_a_silent_peer_times_out_naming_what_is_awaited(tmp_path, base_port, mon
     cfg = split_config(tmp_path, base_port, EXAMPLE, "communication.timeout=3")
     with pytest.raises(RunFailed, match=r"(?s)SplitTimeout: node [0-3] \(client [1-4]\): no split message for 3 s "
                        r".*waiting:.*from client 5 \(node 4\)"):
+        run_experiment(cfg, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_an_error_on_a_worker_fails_the_node_with_its_cause(tmp_path, base_port, monkeypatch):
+    """A server's backward raises on one of its two workers: the run fails with that error,
+    not with a peer's timeout."""
+    from dflsplit.node.split import SplitNode
+
+    backward = SplitNode._backward
+
+    def broken(self, a):
+        if self.uid == 4 and a.step == 2:
+            raise RuntimeError(f"injected into {a.describe(self.P)}")
+        return backward(self, a)
+
+    monkeypatch.setattr(SplitNode, "_backward", broken)  # forked node processes inherit it
+    cfg = device_server_config(tmp_path, base_port, "split.workers=2", "run.rounds=1", "communication.timeout=30")
+    with pytest.raises(RunFailed, match=r"^node 4 failed: RuntimeError: injected into backward [1-4]_[67] \(step 2"):
         run_experiment(cfg, tmp_path / "run")
 
 

@@ -23,7 +23,11 @@ node executes its list: with ``split.order: relaxed`` any action whose inputs ar
 the list's order as priority; with ``strict`` in order. Sends and receives run in the
 background: a sender thread publishes (encoding, rate limits, torrents), a receiver thread
 takes and checks the arriving messages, so the forward of micro-batch k+1 runs while k
-is on the wire. A payload is released as soon as the action that needs it ran.
+is on the wire. A payload is released as soon as the action that needs it ran. With
+``split.workers`` > 1 the executor hands compute actions to that many threads
+(`Workers`): actions of different owners run at once (a server's devices), an owner's one
+at a time, a replica share or sync alone (`split_schedule.may_start`); their outputs are
+made on the executor's thread when they finish, and an error on a worker ends the node.
 
 Replica synchronisation at the end of every ``split.sync_every`` steps (or epochs; in
 device/server mode ``split.aggregation_frequency``, and through the server: each device
@@ -37,8 +41,9 @@ graph; ``none``. Replicas on one client are averaged locally, without the networ
 ``split.mode: relay`` the owners train one after another, a turn lasting one
 synchronisation period (Bloom's sequential relay).
 
-Metrics: every round record has the compute thread's time per activity (data loading,
-forward, backward, optimizer update, replica sync, sends, receives, idle) and their sum,
+Metrics: every round record has the executor's time per activity (data loading,
+forward, backward, optimizer update, replica sync, sends, receives, idle; while workers
+compute, the time is shared equally among their actions' activities) and their sum,
 the sender's upload time, the transfer time of what arrived, the live activations' peak,
 and what the node still holds (payloads, spool, mailbox); at the end each node adds its
 row to ``results.csv`` in its machine's results folder (PiPar's columns and more).
@@ -61,7 +66,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -79,7 +84,7 @@ from ..sharing import weighted_average
 from ..training import BatchSampler, build_optimizer
 from .base import NODES, Node
 from .split_schedule import (
-    SCHEDULES, Action, DataflowQueue, PipelineSchedule, SplitPlan, Token, describe_blocked,
+    EXCLUSIVE, SCHEDULES, Action, DataflowQueue, PipelineSchedule, SplitPlan, Token, describe_blocked, may_start,
 )
 
 PREFIX = "split/x/"
@@ -234,6 +239,18 @@ class Clock:
         self._moved.clear()
         self._last = now
 
+    def charge_shared(self, activities: list[str]) -> None:
+        """`charge`, the time split equally among `activities` (actions running at once on
+        the node's workers)."""
+        now = time.perf_counter()
+        share = (now - self._last - sum(self._moved.values())) / len(activities)
+        for k in activities:
+            self.seconds[k] += share
+        for k, v in self._moved.items():
+            self.seconds[k] += v
+        self._moved.clear()
+        self._last = now
+
     @contextmanager
     def within(self, activity: str):
         t0 = time.perf_counter()
@@ -246,28 +263,69 @@ class Clock:
 class Timeline:
     """One node's timeline for ``split.trace``, as Chrome trace events (ui.perfetto.dev,
     chrome://tracing): compute actions on one track, the payloads the uplink carried on a
-    second, arrivals (from the sender's time stamp to their receipt) on a third. Times
-    are wall-clock microseconds, so the timelines of one machine's nodes line up."""
+    second, arrivals (from the sender's time stamp to their receipt) on a third; with
+    several workers (``split.workers``) each has its compute track (``compute 2``, ...).
+    Times are wall-clock microseconds, so the timelines of one machine's nodes line up."""
 
     TRACKS = {"compute": 1, "uplink": 2, "arrivals": 3}
 
-    def __init__(self, uid: int, name: str):
+    def __init__(self, uid: int, name: str, workers: int = 1):
         self.uid = uid
+        self.tracks = dict(self.TRACKS) | {f"compute {k + 1}": 3 + k for k in range(1, workers)}
         self.events: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": uid, "args": {"name": name}}]
         self.events += [{"name": "thread_name", "ph": "M", "pid": uid, "tid": tid, "args": {"name": track}}
-                        for track, tid in self.TRACKS.items()]
+                        for track, tid in self.tracks.items()]
         self._lock = threading.Lock()
 
     def span(self, track: str, name: str, start: float, end: float, **args: Any) -> None:
         """A complete event on `track` from `start` to `end` (time.time() seconds)."""
-        event = {"name": name, "ph": "X", "pid": self.uid, "tid": self.TRACKS[track], "ts": start * 1e6,
+        event = {"name": name, "ph": "X", "pid": self.uid, "tid": self.tracks[track], "ts": start * 1e6,
                  "dur": max(0.0, end - start) * 1e6, "args": args}
         with self._lock:
             self.events.append(event)
 
+    def compute(self, a: Action, partitions: int, worker: int, start: float, end: float) -> None:
+        """Action `a`, computed by `worker` (0: the executor's own thread) from `start` to `end`."""
+        track = "compute" if worker == 0 else f"compute {worker + 1}"
+        self.span(track, a.label(partitions), start, end, step=a.step, kind=a.kind, owner=a.owner)
+
     def write(self, path: Path) -> None:
         with self._lock:
             path.write_text(json.dumps({"traceEvents": self.events, "displayTimeUnit": "ms"}))
+
+
+class Workers:
+    """A split node's compute threads (``split.workers`` > 1): each takes the next action
+    handed to `start`, runs it with `run`, and reports to `done` (the node's arrivals queue,
+    so the executor wakes on whichever comes first) ``("done", action, worker, start,
+    end)``, or ``("error", exception)``, which ends the node with its cause."""
+
+    def __init__(self, count: int, uid: int, run, done: "queue.Queue[tuple]"):
+        self._run, self._done = run, done
+        self._jobs: "queue.Queue[Optional[Action]]" = queue.Queue()
+        self._threads = [threading.Thread(target=self._loop, args=(k,), name=f"split-compute-{uid}-{k}", daemon=True)
+                         for k in range(count)]
+        for t in self._threads:
+            t.start()
+
+    def start(self, action: Action) -> None:
+        self._jobs.put(action)
+
+    def _loop(self, worker: int) -> None:
+        while (a := self._jobs.get()) is not None:
+            began = time.time()
+            try:
+                self._run(a)
+            except BaseException as e:  # noqa: BLE001 - raised on the executor's thread
+                self._done.put(("error", e))
+                continue
+            self._done.put(("done", a, worker, began, time.time()))
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join(timeout=5)
 
 
 class Sender:
@@ -368,6 +426,10 @@ class SplitNode(Node):
         self.shapes, self.dtype = self._feature_shapes()
         self.sync_expect = {p: describe(float_state(parts[p - 1])) for p in self.plan.partitions}
         self.queue = DataflowQueue(strict=self.plan.strict)
+        self.num_workers = self.plan.workers(sp.workers)
+        self.running: list[Action] = []  # actions the workers compute now
+        self.workers: Optional[Workers] = None
+        self._may_start = (lambda a: may_start(a, self.running, self.num_workers)) if self.num_workers > 1 else None
         for tok in self.plan.initial_tokens():
             self.queue.produce(tok)
         self.inbox: dict[Token, Any] = {}
@@ -479,9 +541,11 @@ class SplitNode(Node):
 
     # lifecycle ---------------------------------------------------------------------------------
     def run(self) -> None:
-        self.timeline = Timeline(self.uid, f"node {self.uid} (client {self.client}, {self.role})") \
-            if self.cfg.split.trace else None
+        self.timeline = Timeline(self.uid, f"node {self.uid} (client {self.client}, {self.role})",
+                                 self.num_workers) if self.cfg.split.trace else None
         self.sender = Sender(self.transport, self.uid, self.timeline)
+        if self.num_workers > 1:
+            self.workers = Workers(self.num_workers, self.uid, self._compute, self.arrivals)
         self._receiver = threading.Thread(target=self._receive_loop, name=f"split-recv-{self.uid}", daemon=True)
         self._receiver.start()
         try:
@@ -493,6 +557,8 @@ class SplitNode(Node):
         finally:
             self._stop.set()
             self.sender.close()
+            if self.workers is not None:
+                self.workers.close()
             self._receiver.join(timeout=5)
         if self.cfg.split.save_model:
             self.save_model("split_model")
@@ -517,24 +583,32 @@ class SplitNode(Node):
         clock.charge("data_load")  # the round's batches drawn and its actions queued
         timeout = self.cfg.communication.timeout
         deadline = time.monotonic() + timeout
-        while len(self.queue):
+        while len(self.queue) or self.running:
             self.sender.check()
             self._take_arrivals(None)
             clock.charge("receive")
-            action = self.queue.pop()
+            peak = max(peak, len(self.saved))
+            action = self.queue.pop(self._may_start)
             if action is not None:
-                began = time.time()
-                self._run(action)
-                clock.charge(ACTIVITY[action.kind])
-                if self.timeline is not None and action.kind not in ("send", "recv"):
-                    self.timeline.span("compute", action.label(self.P), began, time.time(), step=action.step,
-                                       kind=action.kind)
-                peak = max(peak, len(self.saved))
+                if self.workers is not None and action.kind not in ("send", "recv", *EXCLUSIVE):
+                    self.running.append(action)  # computed by a worker; `_done` takes its outputs
+                    self.workers.start(action)
+                else:
+                    began = time.time()
+                    self._run(action)
+                    clock.charge(ACTIVITY[action.kind])
+                    if self.timeline is not None and action.kind not in ("send", "recv"):
+                        self.timeline.compute(action, self.P, 0, began, time.time())
+                    peak = max(peak, len(self.saved))
                 deadline = time.monotonic() + timeout
                 continue
+            computing = [ACTIVITY[a.kind] for a in self.running]
             if self._take_arrivals(deadline):
                 deadline = time.monotonic() + timeout
-            clock.charge("idle")
+            if computing:  # the node's time while its workers computed goes to what they computed
+                clock.charge_shared(computing)
+            else:
+                clock.charge("idle")
         wall = time.perf_counter() - start
         self.queue.forget(t0 + S)
         self.batches.clear()
@@ -581,16 +655,33 @@ class SplitNode(Node):
     def _run(self, a: Action) -> None:
         """Run one action: its handler, then the tokens it makes here (what goes to another
         client leaves through a send or a share)."""
-        handler = {"fwd": self._forward, "bwd": self._backward, "send": self._send, "recv": self._recv,
-                   "step": self._step, "share": self._share_out, "sync": self._sync}
-        if a.kind in ("send", "recv"):
-            handler[a.kind](a)
-        else:  # compute: with a core of the process (several nodes per process), never while waiting
-            with self.compute:
-                handler[a.kind](a)
+        if a.kind == "send":
+            self._send(a)
+        elif a.kind == "recv":
+            self._recv(a)
+        else:
+            self._compute(a)
+        self._produce(a)
+
+    def _compute(self, a: Action) -> None:
+        """A compute action's handler, with a core of the process (several nodes per
+        process), never while waiting; on a worker thread with ``split.workers`` > 1."""
+        handler = {"fwd": self._forward, "bwd": self._backward, "step": self._step, "share": self._share_out,
+                   "sync": self._sync}[a.kind]
+        with self.compute:
+            handler(a)
+
+    def _produce(self, a: Action) -> None:
         for tok, dest in self.plan.outputs(a):
             if dest == self.client:
                 self.queue.produce(tok)
+
+    def _done(self, a: Action, worker: int, began: float, ended: float) -> None:
+        """A worker finished `a`: its tokens are made here, on the executor's thread."""
+        self.running.remove(a)
+        self._produce(a)
+        if self.timeline is not None:
+            self.timeline.compute(a, self.P, worker, began, ended)
 
     def _hand_on(self, token: Token, value: torch.Tensor, dest: int) -> None:
         """A pass's result for the next one: here (inbox) or to send (outbox)."""
@@ -602,7 +693,7 @@ class SplitNode(Node):
         rep = self.replicas[(o, p)]
         if p == 1:
             idx = self.batches[t][m]
-            with self.clock.within("data_load"):
+            with self.clock.within("data_load") if self.workers is None else nullcontext():  # else: forward's
                 x = self.data.train_x[idx]
             self.trained[idx] += 1
         else:
@@ -730,9 +821,9 @@ class SplitNode(Node):
             self.arrivals.put((tok, payload, max(0.0, latency)))
 
     def _take_arrivals(self, deadline: Optional[float]) -> bool:
-        """Make the arrived messages' tokens available: those there now (`deadline` None), or
-        at least one, waiting until `deadline` (time.monotonic; SplitTimeout past it).
-        True when something arrived."""
+        """Make the arrived messages' tokens available, and the outputs of what the workers
+        finished: those there now (`deadline` None), or at least one, waiting until
+        `deadline` (time.monotonic; SplitTimeout past it). True when something arrived."""
         got = False
         while True:
             try:
@@ -750,6 +841,10 @@ class SplitNode(Node):
                 continue
             if item[0] == "error":
                 raise item[1]
+            if item[0] == "done":
+                self._done(*item[1:])
+                got = True
+                continue
             tok, payload, latency = item
             if self.queue.has(tok) or tok in self.inbox:
                 self.log.warning("node %d: dropped a duplicate %r", self.uid, tok)
@@ -807,6 +902,7 @@ class SplitNode(Node):
     def _blocked_report(self) -> str:
         """What this node waits for, and from which client, for a timeout's message."""
         lines = describe_blocked(self.queue.blocked(), self.P, 6, self._source)
+        lines += [f"{a.describe(self.P)}: still computing" for a in self.running]
         return (f"node {self.uid} (client {self.client}): no split message for "
                 f"{self.cfg.communication.timeout:g} s (communication.timeout) in round {self.round}; "
                 "waiting:\n  " + "\n  ".join(lines))

@@ -14,11 +14,12 @@
   of two sizes each way (the slope is the rate, the fixed cost drops out).
 
 `simulate` runs the run's own schedule (`split_schedule.PipelineSchedule`, the lists the
-nodes execute) in time: every client computes one action at a time with the measured
-durations; a payload first holds its sender's uplink, then its receiver's downlink
-(what the emulated links do: the sender's token bucket, then the receiver's), each a
-queue of its own; a sender's queue lets gradients pass activations, and both pass
-replica shares, as the nodes' `split.Sender` does. `choose` simulates one epoch for
+nodes execute) in time: every client computes with the measured durations, one action at
+a time, or with ``split.workers`` several of different owners at once
+(`split_schedule.may_start`); a payload first holds its sender's uplink, then its
+receiver's downlink (what the emulated links do: the sender's token bucket, then the
+receiver's), each a queue of its own; a sender's queue lets gradients pass activations,
+and both pass replica shares, as the nodes' `split.Sender` does. `choose` simulates one epoch for
 every candidate (device/server split x micro-batches 1, 2, 4, 8, 16) and keeps the
 shortest. `plan_offloading` uses the same profile to place the middle partitions of N
 owners' pipelines on the clients that finish them first (earliest-finish-time list
@@ -44,7 +45,7 @@ from torch import nn
 
 from ..mappings.stages import StageMapping, device_server_rows, task_label, uid_to_client, client_to_uid
 from .base import machine_cores, node_threads
-from .split_schedule import DataflowQueue, PipelineSchedule
+from .split_schedule import DataflowQueue, PipelineSchedule, may_start
 
 log = logging.getLogger("dflsplit.profile")
 
@@ -336,9 +337,10 @@ def _payload_bytes(profile: Profile, token, M: int) -> int:
 SEND_PRIORITY = {"net_grad": 0, "net_act": 1}
 
 
-def simulate(schedule: PipelineSchedule, profile: Profile, steps: int) -> Simulated:
-    """Run `steps` steps of `schedule` in time with `profile`'s durations and links (see
-    the module docstring)."""
+def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: int = 1) -> Simulated:
+    """Run `steps` steps of `schedule` in time with `profile`'s durations and links, each
+    client with the compute threads it takes of `workers` (``split.workers``; see the
+    module docstring)."""
     plans = schedule.plans
     clients = sorted(plans)
     uid = {c: client_to_uid(c) for c in clients}
@@ -353,7 +355,10 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int) -> Simula
     down_free = dict.fromkeys(clients, 0.0)
     busy = dict.fromkeys(clients, 0.0)
     waiting_since = dict.fromkeys(clients, 0.0)  # who waits longest for a core goes first
-    running: set[int] = set()
+    threads = {c: plans[c].workers(workers) for c in clients}
+    running: dict[int, list] = {c: [] for c in clients}
+    held = dict.fromkeys(clients, 0)  # a client's actions holding a core; busy counts its time with any
+    busy_since = dict.fromkeys(clients, 0.0)
     computing = 0  # actions holding a core
     slots = max(1, profile.cores // max(1, profile.threads)) if profile.cores else len(clients)
     events: list = []
@@ -376,29 +381,34 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int) -> Simula
 
     while True:
         for c in sorted(clients, key=lambda c: (waiting_since[c], c)):
-            if c in running:
-                continue
-            a = queues[c].peek()
-            if a is None:
-                continue
-            d = _duration(profile, plans[c], a, uid[c])
-            if d > 0 and computing >= slots:
-                continue
-            queues[c].pop()
-            computing += d > 0
-            busy[c] += d
-            running.add(c)
-            heapq.heappush(events, (now + d, seq, "done", (c, a, d > 0)))
-            seq += 1
+            def allowed(a, c=c):
+                return may_start(a, running[c], threads[c])
+            while (a := queues[c].peek(allowed)) is not None:
+                d = _duration(profile, plans[c], a, uid[c])
+                if d > 0 and computing >= slots:
+                    break
+                queues[c].pop(allowed)
+                if d > 0:
+                    computing += 1
+                    held[c] += 1
+                    if held[c] == 1:
+                        busy_since[c] = now
+                running[c].append(a)
+                heapq.heappush(events, (now + d, seq, "done", (c, a, d > 0)))
+                seq += 1
         if not events:
             if any(len(q) for q in queues.values()):
                 raise RuntimeError("the simulated schedule stalled (the dry run should have caught it)")
             break
         now, _, kind, data = heapq.heappop(events)
         if kind == "done":
-            c, a, held = data
-            running.discard(c)
-            computing -= held
+            c, a, core = data
+            running[c].remove(a)
+            if core:
+                computing -= 1
+                held[c] -= 1
+                if held[c] == 0:
+                    busy[c] += now - busy_since[c]
             waiting_since[c] = now
             for tok, dest in plans[c].outputs(a):
                 if dest == c:
@@ -446,7 +456,7 @@ def simulate_config(cfg, profile: Profile, split: Optional[int], micro: int, epo
     stages = layout_mapping(trial, profile.partitions, split)
     period = _period(trial, epoch_steps)
     steps = min(epoch_steps, MAX_SIMULATED_STEPS)
-    sim = simulate(build_schedule(trial, stages, period), profile, steps)
+    sim = simulate(build_schedule(trial, stages, period), profile, steps, trial.split.workers)
     scale = epoch_steps / steps
     return Simulated(sim.seconds * scale, {c: v * scale for c, v in sim.busy.items()},
                      {c: v * scale for c, v in sim.idle.items()})

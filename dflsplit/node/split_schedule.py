@@ -45,7 +45,7 @@ import heapq
 import itertools
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Literal, Optional
+from typing import Callable, Collection, Iterable, Literal, Optional
 
 from ..registry import Registry
 
@@ -117,6 +117,28 @@ class Scheduled:
     action: Action
     requires: tuple[Token, ...]
     priority: tuple
+
+
+#: action kinds that read or write every replica of a partition: they run with no other action of their client
+EXCLUSIVE = ("share", "sync")
+
+
+def may_start(action: Action, running: Collection[Action], workers: int) -> bool:
+    """Whether a client with `workers` compute threads, running `running`, may start
+    `action` now. One thread: nothing else running. Several: sends and receives at any time
+    (bookkeeping of the executor's own thread); a replica share or sync alone; any other
+    action on a free thread while no action of its owner runs (an owner's passes, loss and
+    gradient accumulation stay on one thread at a time, in the schedule's order)."""
+    if workers <= 1:
+        return not running
+    if action.kind in ("send", "recv"):
+        return True
+    computing = [a for a in running if a.kind not in ("send", "recv")]
+    if any(a.kind in EXCLUSIVE for a in computing):
+        return False
+    if action.kind in EXCLUSIVE:
+        return not computing
+    return len(computing) < workers and all(a.owner != action.owner for a in computing)
 
 
 def describe_token(token: Token) -> str:
@@ -287,6 +309,11 @@ class SplitPlan:
             self.local_owners[p].append(o)
         self.partitions: list[int] = sorted(self.local_owners)
         self.partners: dict[int, list[int]] = {p: self._partners(p) for p in self.partitions}
+
+    def workers(self, requested: int) -> int:
+        """Compute threads this client uses of `requested` (``split.workers``): at most one
+        per owner whose partitions it runs (see `may_start`), and one in strict order."""
+        return 1 if self.strict else max(1, min(requested, len({o for o, _ in self.hosted})))
 
     def _partners(self, p: int) -> list[int]:
         runners = set(self.stages.replicas(p).values()) - {self.client}
@@ -500,24 +527,38 @@ class DataflowQueue:
     def has(self, token: Token) -> bool:
         return token in self._have
 
-    def pop(self) -> Optional[Action]:
-        """The ready action of lowest priority (removed from the queue), or None."""
-        if self.peek() is None:
+    def pop(self, allowed: Optional[Callable[[Action], bool]] = None) -> Optional[Action]:
+        """The ready action of lowest priority (removed from the queue), or None; with
+        `allowed`, the ready action of lowest priority that `allowed` accepts."""
+        entry = self._first(allowed)
+        if entry is None:
             return None
-        _, _, a = heapq.heappop(self._ready)
-        del self._priority[a]
-        return a
+        if entry is self._ready[0]:
+            heapq.heappop(self._ready)
+        else:
+            self._ready.remove(entry)
+            heapq.heapify(self._ready)
+        del self._priority[entry[2]]
+        return entry[2]
 
-    def peek(self) -> Optional[Action]:
+    def peek(self, allowed: Optional[Callable[[Action], bool]] = None) -> Optional[Action]:
         """The action `pop` would return, left in the queue."""
+        entry = self._first(allowed)
+        return None if entry is None else entry[2]
+
+    def _first(self, allowed) -> Optional[tuple[tuple, int, Action]]:
         if not self._ready:
             return None
-        if self.strict:
+        if self.strict:  # only the list's next action may run
             while self._queued[0][2] not in self._priority:
                 heapq.heappop(self._queued)
             if self._queued[0][2] != self._ready[0][2]:
                 return None
-        return self._ready[0][2]
+        if allowed is None or allowed(self._ready[0][2]):
+            return self._ready[0]
+        if self.strict:
+            return None
+        return next((e for e in sorted(self._ready) if allowed(e[2])), None)
 
     def __len__(self) -> int:
         """Actions queued and not yet popped (ready or waiting)."""

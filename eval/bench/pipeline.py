@@ -7,7 +7,8 @@ classes, 256 training samples per device, batch 32: an epoch is 8 steps); each d
 keeps the first ``split`` partitions and the last, the server the ones in between;
 replicas averaged through the server each epoch (``aggregation_frequency: -1``); each
 device's link capped at 10 Mbit/s up and 25 Mbit/s down (``communication.node_limits``),
-the server's uncapped; the default transport.
+the server's uncapped; two compute threads per node (``split.workers: 2``: the server
+computes for two devices at once); the default transport.
 
 Rows:
 
@@ -19,6 +20,8 @@ Rows:
 * ``pipeline``: splits 1 and 2, M = 1 against M = 4 (schedule 1f1b, and gpipe beside it):
   the epoch's time and the devices' idle time. Targets: M=4 at least 1.5× faster, device
   idle at least 30 % lower.
+* ``workers``: split 1, M=4 with one compute thread per node (``split.workers: 1``)
+  against two, run one after the other: what the server's second worker gives.
 * ``sweep``: every split (-1, 1, 2) × M (1, 2, 4, 8, 16) with 1f1b, and a run with
   ``split: auto`` and ``micro_batches: auto`` (the profiler and the simulation choose at
   launch; the choice is read from the run's config.yaml). Target: the automatic (split,
@@ -35,7 +38,7 @@ Nothing samples the nodes while they run. The machine's other load is printed; o
 shared machine absolute times are noisy, the ratios come from runs minutes apart.
 Usage::
 
-    python eval/bench/pipeline.py [--rows links,pipeline,sweep] [--width 32] [--samples 256] [--out FILE]
+    python eval/bench/pipeline.py [--rows links,pipeline,workers,sweep] [--width 32] [--samples 256] [--out FILE]
 
 The table goes to eval/bench/results/pipeline.txt.
 """
@@ -148,6 +151,15 @@ def pipeline(bench: Bench, sweep: dict) -> dict:
     return out
 
 
+def workers_row(bench: Bench) -> None:
+    one = bench.run(["split.split=1", "split.micro_batches=4", "split.workers=1"])
+    two = bench.run(["split.split=1", "split.micro_batches=4", "split.workers=2"])
+    bench.lines += ["workers: split 1, M=4, one compute thread per node against two (the server computes for two "
+                    "devices at once), runs one after the other",
+                    f"  workers 1  {fmt(one)}", f"  workers 2  {fmt(two)}",
+                    f"  two workers: the epoch {1 - two['epoch'] / one['epoch']:.1%} shorter"]
+
+
 def sweep_rows(bench: Bench) -> dict:
     lines = bench.lines
     results = {}
@@ -175,7 +187,7 @@ def sweep_rows(bench: Bench) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default="links,pipeline,sweep")
+    parser.add_argument("--rows", default="links,pipeline,workers,sweep")
     parser.add_argument("--width", type=int, default=32, help="channels of the VGG's first block")
     parser.add_argument("--samples", type=int, default=256, help="training samples per device (batch 32)")
     parser.add_argument("--out", default=str(ROOT / "eval" / "bench" / "results" / "pipeline.txt"))
@@ -192,6 +204,8 @@ def main() -> None:
     bench = Bench(args.width, args.samples, lines)
     sweep = sweep_rows(bench) if "sweep" in rows else {}
     four = pipeline(bench, sweep) if "pipeline" in rows else None
+    if "workers" in rows:
+        workers_row(bench)
     if "links" in rows:
         links(bench, four)
     lines.append(f"# load average at the end {os.getloadavg()[0]:.1f}")
