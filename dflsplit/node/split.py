@@ -285,7 +285,8 @@ class Timeline:
             self.events.append(event)
 
     def compute(self, a: Action, partitions: int, worker: int, start: float, end: float) -> None:
-        """Action `a`, computed by `worker` (0: the executor's own thread) from `start` to `end`."""
+        """Action `a`, computed from `start` to `end` by worker `worker`; on worker 0's track
+        also what the executor's own thread computes (only while no worker computes)."""
         track = "compute" if worker == 0 else f"compute {worker + 1}"
         self.span(track, a.label(partitions), start, end, step=a.step, kind=a.kind, owner=a.owner)
 
