@@ -90,7 +90,8 @@ def run_profile(args: argparse.Namespace) -> int:
         choice = choose(cfg, profile, epoch)
     except StageConfigError as e:
         return _err(str(e))
-    print(f"\nsimulated epoch ({epoch} steps; schedule {cfg.split.schedule}, {cfg.split.order} order):")
+    print(f"\nsimulated epoch ({epoch} steps; schedule {cfg.split.schedule}, {cfg.split.order} order, "
+          f"{cfg.split.workers} worker(s) per node):")
     print(f"  {'split':>5} {'micro':>5} {'epoch s':>9} {'device idle s':>14}")
     for row in choice.table:
         split = "-" if row["split"] is None else row["split"]
