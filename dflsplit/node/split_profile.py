@@ -19,12 +19,12 @@ a time, or with ``split.workers`` several of different owners at once
 (`split_schedule.may_start`); a payload first holds its sender's uplink, then its
 receiver's downlink (what the emulated links do: the sender's token bucket, then the
 receiver's), each a queue of its own; a sender's queue lets gradients pass activations,
-and both pass replica shares, as the nodes' `split.Sender` does. `choose` simulates one epoch for
-every candidate (device/server split x micro-batches 1, 2, 4, 8, 16) and keeps the
-shortest. `plan_offloading` uses the same profile to place the middle partitions of N
+and both pass replica shares, as the nodes' `split.Sender` does. `choose` simulates one
+epoch for every candidate (device/server split x micro-batches 1, 2, 4, 8, 16) and keeps
+the shortest. `plan_offloading` uses the same profile to place the middle partitions of N
 owners' pipelines on the clients that finish them first (earliest-finish-time list
 scheduling), each row ordered by stage so the stage validator accepts it. The
-simulation lets at most as many clients compute at once as the machine has cores for
+simulation lets at most as many actions compute at once as the machine has cores for
 their threads (the nodes of one machine share them).
 """
 
