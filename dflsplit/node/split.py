@@ -221,27 +221,17 @@ class Replica:
 
 
 class Clock:
-    """Seconds per activity of the compute thread, on one timeline: `charge(activity)` gives
-    the time since the last charge to `activity`, so every moment counts once; time taken
-    inside it by `within` goes to that other activity instead."""
+    """Seconds per activity of the executor, on one timeline: `charge(activity)` gives the
+    time since the last charge to `activity` (or, given several, split equally among them:
+    actions running at once on the node's workers), so every moment counts once; time
+    taken inside it by `within` goes to that other activity instead."""
 
     def __init__(self):
         self.seconds: dict[str, float] = dict.fromkeys(ACTIVITIES, 0.0)
         self._last = time.perf_counter()
         self._moved: dict[str, float] = {}
 
-    def charge(self, activity: str) -> None:
-        now = time.perf_counter()
-        moved = sum(self._moved.values())
-        self.seconds[activity] += now - self._last - moved
-        for k, v in self._moved.items():
-            self.seconds[k] += v
-        self._moved.clear()
-        self._last = now
-
-    def charge_shared(self, activities: list[str]) -> None:
-        """`charge`, the time split equally among `activities` (actions running at once on
-        the node's workers)."""
+    def charge(self, *activities: str) -> None:
         now = time.perf_counter()
         share = (now - self._last - sum(self._moved.values())) / len(activities)
         for k in activities:
@@ -600,14 +590,13 @@ class SplitNode(Node):
                     clock.charge(ACTIVITY[action.kind])
                     if self.timeline is not None and action.kind not in ("send", "recv"):
                         self.timeline.compute(action, self.P, 0, began, time.time())
-                    peak = max(peak, len(self.saved))
                 deadline = time.monotonic() + timeout
                 continue
             computing = [ACTIVITY[a.kind] for a in self.running]
             if self._take_arrivals(deadline):
                 deadline = time.monotonic() + timeout
             if computing:  # the node's time while its workers computed goes to what they computed
-                clock.charge_shared(computing)
+                clock.charge(*computing)
             else:
                 clock.charge("idle")
         wall = time.perf_counter() - start
