@@ -4,6 +4,8 @@ plan, and the `stages` / `profile` commands."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import yaml
@@ -12,7 +14,7 @@ from dflsplit.config import ConfigError, load_config
 from dflsplit.cli_profile import profile_main
 from dflsplit.cli_stages import stages_main
 from dflsplit.mappings.stages import StageMapping, device_server_rows
-from dflsplit.node.split_profile import Link, Profile, choose, plan_offloading, simulate
+from dflsplit.node.split_profile import Link, Profile, choose, plan_offloading, simulate, step_floor, sync_floor
 from dflsplit.node.split_schedule import PipelineSchedule, SplitPlan
 from dflsplit.training import BatchSampler
 
@@ -116,6 +118,57 @@ def test_simulated_device_server_step_at_one_micro_batch_is_sequential():
     plans4 = {c: SplitPlan(m, c, 4, sync="none", trainers=[1]) for c in (1, 2)}
     sim4 = simulate(PipelineSchedule(plans4), linear_profile(links), steps=1)
     assert (a1 + a2) / up < sim4.seconds < sim.seconds
+
+
+def test_step_floor_is_the_sequential_step_at_one_micro_batch_and_bounds_every_simulated_step():
+    """`step_floor` against the simulation, which runs one exact schedule: equal where nothing
+    overlaps (one device, M=1), never above it for 4 devices, splits 1 and 2, M up to 8, one or
+    two server workers, links that make the uplink or the round trips the longer."""
+    one = {0: Link(1, 1, 1e5, 2.5e5), 1: Link(0, 0, UNLIMITED, UNLIMITED)}
+    m = StageMapping(device_server_rows(2, 2, 3, 1), 3)
+    sim = simulate(PipelineSchedule({c: SplitPlan(m, c, 1, sync="none", trainers=[1]) for c in (1, 2)}),
+                   linear_profile(one), steps=1)
+    floor = step_floor(linear_profile(one), 1, 1, device=0, server=1)
+    assert floor.seconds == pytest.approx(sim.seconds)
+    assert floor.uplink > floor.compute and floor.fill == pytest.approx(F[0])
+    checked, tight = 0, []
+    for up, cores in itertools.product((2e3, 2e4, 2e5), (0, 2)):
+        links = {u: Link(1, 1, up, 2.5 * up) for u in range(4)} | {4: Link(0, 0, UNLIMITED, UNLIMITED)}
+        profile = linear_profile(links, P=4, cores=cores)
+        for split, micro, workers in itertools.product((1, 2), (1, 2, 4, 8), (1, 2)):
+            mapping = StageMapping(device_server_rows(5, 5, 4, split), 4)
+            sched = PipelineSchedule({c: SplitPlan(mapping, c, micro, sync="none", trainers=[1, 2, 3, 4])
+                                      for c in range(1, 6)})
+            floor = step_floor(profile, split, micro, device=0, server=4, devices=4, workers=workers).seconds
+            simulated = simulate(sched, profile, steps=2, workers=workers).seconds / 2
+            assert simulated >= floor * (1 - 1e-9)
+            tight.append(simulated / floor)
+            checked += 1
+    assert checked == 96
+    assert sorted(tight)[len(tight) // 2] < 1.2  # a bound close to what a schedule achieves, not a trivial one
+    with pytest.raises(ValueError, match="split 3: .*1 <= split <= 2"):
+        step_floor(profile, 3, 4, device=0, server=4)
+
+
+def test_an_epoch_with_sync_through_the_server_takes_at_least_its_step_floors_and_sync_floor():
+    """Replicas averaged through the server every 2 steps: the simulated 2 steps with their
+    sync against 2 step floors + `sync_floor`, for splits 1 and 2 and M up to 8, weights
+    heavy enough that the sync is a good part of the epoch."""
+    links = {u: Link(1, 1, 2e4, 5e4) for u in range(4)} | {4: Link(0, 0, UNLIMITED, UNLIMITED)}
+    base = linear_profile(links, P=4)
+    profile = Profile(base.batch, 4, base.fwd, base.bwd, base.update, base.out_bytes, [4000, 30000, 8000, 500],
+                      links)
+    ratios = []
+    for split, micro in itertools.product((1, 2), (1, 2, 4, 8)):
+        mapping = StageMapping(device_server_rows(5, 5, 4, split), 4)
+        sched = PipelineSchedule({c: SplitPlan(mapping, c, micro, sync="star", sync_period=2, hub=5,
+                                               trainers=[1, 2, 3, 4]) for c in range(1, 6)})
+        simulated = simulate(sched, profile, steps=2, workers=2).seconds
+        sync = sync_floor(profile, split, micro, device=0)
+        floor = 2 * step_floor(profile, split, micro, 0, 4, devices=4, workers=2).seconds + sync
+        assert sync > 0.1 * floor and simulated >= floor * (1 - 1e-9)
+        ratios.append(simulated / floor)
+    assert min(ratios) < 1.2
 
 
 def test_cores_shared_by_the_nodes_slow_the_simulation_down():

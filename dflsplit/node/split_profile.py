@@ -26,6 +26,10 @@ owners' pipelines on the clients that finish them first (earliest-finish-time li
 scheduling), each row ordered by stage so the stage validator accepts it. The
 simulation lets at most as many actions compute at once as the machine has cores for
 their threads (the nodes of one machine share them).
+
+`step_floor` and `sync_floor` bound a device/server step and an epoch's replica sync from
+below, for any schedule that keeps the step exact: what the simulation (one schedule) or
+a run can approach and never pass; eval/bench/pipeline.py prints them beside its runs.
 """
 
 from __future__ import annotations
@@ -430,6 +434,92 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: 
             dest, tok = data
             queues[dest].produce(tok)
     return Simulated(now, busy, {c: now - busy[c] for c in clients})
+
+
+@dataclass
+class StepFloor:
+    """A lower bound on one device's step in PiPar's device/server layout, for any schedule
+    that keeps the step exact (partition 1's forwards of step t+1 wait for its update of
+    step t); seconds, from a `Profile`. ``seconds`` is the largest of the bounds."""
+
+    fill: float  # partitions 1..split forward of the first micro-batch: nothing to send before it
+    up: float  # every activation and head gradient of the step on the device's uplink
+    acts: float  # the activations alone on it
+    last_round_trip: float  # the last activation sent, then its way back to a gradient sent
+    tail: float  # after the last gradient sent: server backward, gradient down, device backward, update
+    uplink: float  # fill + max(up, acts + last_round_trip) + tail
+    compute: float  # the device's own passes and updates
+    server: float  # the server's passes for every device, on its workers
+    machine: float  # every node's passes on the cores they share (0: every node has its own)
+    seconds: float
+
+
+def step_floor(profile: Profile, split: int, micro: int, device: int, server: int, devices: int = 1,
+               workers: int = 1) -> StepFloor:
+    """The least time a step of `device` (node uid) can take with `micro` micro-batches when
+    it keeps partitions 1..`split` and the last, and `server` (node uid) the ones between
+    for `devices` devices like it, on `workers` compute threads (``split.workers``).
+
+    Every activation (partition `split`'s output) and every gradient of the head's input
+    leaves on the device's uplink (measured rate), one after the other; nothing can leave
+    before the first micro-batch's forward (``fill``); a gradient leaves after its own
+    micro-batch's activation went up, the server's forward, the download and the head; and
+    after the last gradient left, the server's backward, the gradient's download, the
+    device's backward and partition 1's update remain (``tail``). So a step takes at least
+    fill + max(all the uplink's bytes, the activations' bytes + the last micro-batch's
+    round trip and gradient) + tail; and at least the device's own compute. Durations are
+    the smallest micro-batch's (a lower bound for every one). At one micro-batch nothing
+    overlaps and the bound is the step's sequential time. On average over an epoch a step
+    also takes at least the server's passes for every device spread over its workers, and,
+    when the nodes share the machine's cores (``profile.cores``), every node's passes
+    spread over them (perfect scaling: a lower bound)."""
+    P = profile.partitions
+    if not 1 <= split <= P - 2:
+        raise ValueError(f"split {split}: a device/server layout with partitions 1..{split} and {P} on the device "
+                         f"and a server partition between (1 <= split <= {P - 2})")
+    sizes = micro_sizes(profile.batch, micro)
+    n = min(sizes)
+    dev, srv = profile.speed(device), profile.speed(server)
+    link = profile.links[device]
+
+    def passes(kind: str, parts, size: int) -> float:
+        return sum(profile.pass_time(kind, p, size) for p in parts)
+
+    mine, theirs = range(1, split + 1), range(split + 1, P)
+    act, head_in = profile.out_bytes[split - 1], profile.out_bytes[P - 2]  # bytes per sample
+    fill = passes("fwd", mine, n) * dev
+    up = sum(sizes) * (act + head_in) / link.up
+    round_trip = (passes("fwd", theirs, n) * srv + n * head_in / link.down
+                  + (profile.pass_time("fwd", P, n) + profile.pass_time("bwd", P, n)) * dev)
+    last_round_trip = round_trip + n * head_in / link.up
+    tail = passes("bwd", theirs, n) * srv + n * act / link.down + passes("bwd", mine, n) * dev \
+        + profile.update[0] * dev
+    acts = sum(sizes) * act / link.up
+    uplink = fill + max(up, acts + last_round_trip) + tail
+    compute = dev * (sum(passes("fwd", [*mine, P], s) + passes("bwd", [*mine, P], s) for s in sizes)
+                     + sum(profile.update[p - 1] for p in (*mine, P)))
+    served = devices * srv * (sum(passes("fwd", theirs, s) + passes("bwd", theirs, s) for s in sizes)
+                              + sum(profile.update[p - 1] for p in theirs))
+    server_floor = served / min(max(1, workers), devices)
+    machine = (devices * compute + served) * profile.threads / profile.cores if profile.cores else 0.0
+    return StepFloor(fill, up, acts, last_round_trip, tail, uplink, compute, server_floor, machine,
+                     max(uplink, compute, server_floor, machine))
+
+
+def sync_floor(profile: Profile, split: int, micro: int, device: int) -> float:
+    """The least time an epoch's replica sync through the server (device/server mode's
+    fedavg) adds after the epoch's last step floor (`step_floor`), for a device that keeps
+    partitions 1..`split` and the last. Partitions 1..`split` are final only in the step's
+    tail, once the last gradient came down: their shares go up the device's link one after
+    the other, and the average of the last one sent comes down after it. The head's share
+    may go during the tail (not counted), and so may the others' while the device's
+    backward of the tail runs (subtracted): a lower bound."""
+    link = profile.links[device]
+    kept = [profile.param_bytes[p - 1] for p in range(1, split + 1)]
+    n = min(micro_sizes(profile.batch, micro))
+    overlap = (sum(profile.pass_time("bwd", p, n) for p in range(1, split + 1)) + profile.update[0]) \
+        * profile.speed(device)
+    return max(0.0, sum(kept) / link.up + min(kept) / link.down - overlap)
 
 
 def layout_mapping(cfg, partitions: int, split: Optional[int]) -> StageMapping:

@@ -19,7 +19,11 @@ Rows:
   Target: within ±10 % of the configured rate.
 * ``pipeline``: splits 1 and 2, M = 1 against M = 4 (schedule 1f1b, and gpipe beside it):
   the epoch's time and the devices' idle time. Targets: M=4 at least 1.5× faster, device
-  idle at least 30 % lower.
+  idle at least 30 % lower. Beside them, each M's floor: the least time an epoch can take
+  with any exact schedule (``split_profile.step_floor`` per step, ``sync_floor`` for the
+  epoch's replica sync), from the profiler's measurements on this machine (each pass
+  alone, the links through their limiters); the ceiling is the measured M=1 epoch over
+  M=4's floor: the most pipelining can gain here, which no executor passes.
 * ``workers``: split 1, M=4 with one compute thread per node (``split.workers: 1``)
   against two, run one after the other: what the server's second worker gives.
 * ``sweep``: every split (-1, 1, 2) × M (1, 2, 4, 8, 16) with 1f1b, and a run with
@@ -91,6 +95,8 @@ class Bench:
         self.path.write_text(yaml.safe_dump(workload(width, samples)))
         self.port = 24000
         self.runs = 0
+        self.steps = -(-samples // 32)
+        self.profile = None  # split_profile.Profile of the workload, measured once
 
     def run(self, overrides: list[str]) -> dict:
         """One run; its epoch time, the devices' idle, upload rate and the config it ran."""
@@ -149,9 +155,37 @@ def pipeline(bench: Bench, sweep: dict) -> dict:
         idle = 1 - four["idle"] / one["idle"]
         lines.append(f"    M=4 is {speed:.2f}x faster than M=1 (target >= 1.5x: {'met' if speed >= 1.5 else 'NOT met'}); "
                      f"device idle {idle:.0%} lower (target >= 30 %: {'met' if idle >= 0.30 else 'NOT met'})")
+        floor_lines(bench, split, one, four)
         if split == 1:
             out = four
     return out
+
+
+def floor_lines(bench: Bench, split: int, one: dict, four: dict) -> None:
+    """The epoch's floor at M=1 and M=4 (`split_profile.step_floor` for each step, then
+    `sync_floor`), from the profiler's measurements of this machine, against the measured
+    epochs; and the ceiling it puts on M=4's speed-up over the measured M=1."""
+    from dflsplit.node.split_profile import profile_run, step_floor, sync_floor
+
+    if bench.profile is None:
+        bench.profile = profile_run(load_config(bench.path, ["split.micro_batches=auto"]))
+    pr, workers = bench.profile, yaml.safe_load(bench.path.read_text())["split"]["workers"]
+    floors = {}
+    for m, run in ((1, one), (4, four)):
+        step = step_floor(pr, split, m, 0, SERVER, devices=DEVICES, workers=workers)
+        sync = sync_floor(pr, split, m, 0)
+        floors[m] = epoch = bench.steps * step.seconds + sync
+        bench.lines.append(
+            f"    floor M={m}: epoch {epoch:6.2f} s ({bench.steps} x step {step.seconds:.3f} + sync {sync:.3f}; "
+            f"step = fill {step.fill:.3f} + max(uplink {step.up:.3f}, activations {step.acts:.3f} + last round trip "
+            f"{step.last_round_trip:.3f}) + tail "
+            f"{step.tail:.3f}; server {step.server:.3f}, cores {step.machine:.3f}), measured "
+            f"{run['epoch'] / epoch - 1:+.0%} above it")
+    ceiling = one["epoch"] / floors[4]
+    speed = one["epoch"] / four["epoch"]
+    bench.lines.append(
+        f"    ceiling: measured M=1 epoch / M=4's floor = {ceiling:.2f}x, the most an exact M=4 schedule could gain "
+        f"on this machine; this run's {speed:.2f}x is {speed / ceiling:.0%} of it")
 
 
 def workers_row(bench: Bench) -> None:
