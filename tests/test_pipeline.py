@@ -153,7 +153,8 @@ def test_step_floor_is_the_sequential_step_at_one_micro_batch_and_bounds_every_s
 def test_an_epoch_with_sync_through_the_server_takes_at_least_its_step_floors_and_sync_floor():
     """Replicas averaged through the server every 2 steps: the simulated 2 steps with their
     sync against 2 step floors + `sync_floor`, for splits 1 and 2 and M up to 8, weights
-    heavy enough that the sync is a good part of the epoch."""
+    heavy enough that the sync is a good part of the epoch; and `sync_floor`'s flow shop
+    (Johnson's rule) against the best of every order of the shares."""
     links = {u: Link(1, 1, 2e4, 5e4) for u in range(4)} | {4: Link(0, 0, UNLIMITED, UNLIMITED)}
     base = linear_profile(links, P=4)
     profile = Profile(base.batch, 4, base.fwd, base.bwd, base.update, base.out_bytes, [4000, 30000, 8000, 500],
@@ -169,6 +170,23 @@ def test_an_epoch_with_sync_through_the_server_takes_at_least_its_step_floors_an
         assert sync > 0.1 * floor and simulated >= floor * (1 - 1e-9)
         ratios.append(simulated / floor)
     assert min(ratios) < 1.2
+    # the shares' flow shop (up, then down) against every order of partitions 1-3's shares,
+    # with the downlink slower than the uplink and faster
+    weights = [4000, 30000, 8000, 500, 700]
+    for up, down in ((2e4, 1e4), (1e4, 2.5e4)):
+        profile = linear_profile({0: Link(1, 1, up, down)}, P=5)
+        profile.param_bytes = weights
+
+        def makespan(order, up=up, down=down):
+            sent = done = 0.0
+            for p in order:
+                sent += weights[p - 1] / up
+                done = max(done, sent) + weights[p - 1] / down
+            return done
+
+        tail = sum(profile.bwd[8][p] for p in range(3)) + profile.update[0]
+        best = min(makespan(order) for order in itertools.permutations((1, 2, 3)))
+        assert sync_floor(profile, 3, 1, device=0) == pytest.approx(best - tail)
 
 
 def test_cores_shared_by_the_nodes_slow_the_simulation_down():

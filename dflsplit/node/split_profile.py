@@ -511,15 +511,23 @@ def sync_floor(profile: Profile, split: int, micro: int, device: int) -> float:
     fedavg) adds after the epoch's last step floor (`step_floor`), for a device that keeps
     partitions 1..`split` and the last. Partitions 1..`split` are final only in the step's
     tail, once the last gradient came down: their shares go up the device's link one after
-    the other, and the average of the last one sent comes down after it. The head's share
-    may go during the tail (not counted), and so may the others' while the device's
-    backward of the tail runs (subtracted): a lower bound."""
+    the other, and each one's average comes down its downlink after it, one after the other:
+    a two-machine flow shop, whose shortest makespan Johnson's rule gives. The head's share
+    may go during the tail (not counted), and so may the others' while the device's backward
+    of the tail runs (subtracted): a lower bound."""
     link = profile.links[device]
-    kept = [profile.param_bytes[p - 1] for p in range(1, split + 1)]
+    jobs = [(profile.param_bytes[p - 1] / link.up, profile.param_bytes[p - 1] / link.down)
+            for p in range(1, split + 1)]
+    order = sorted((j for j in jobs if j[0] < j[1]), key=lambda j: j[0]) \
+        + sorted((j for j in jobs if j[0] >= j[1]), key=lambda j: -j[1])
+    up_done = makespan = 0.0
+    for up, down in order:
+        up_done += up
+        makespan = max(makespan, up_done) + down
     n = min(micro_sizes(profile.batch, micro))
     overlap = (sum(profile.pass_time("bwd", p, n) for p in range(1, split + 1)) + profile.update[0]) \
         * profile.speed(device)
-    return max(0.0, sum(kept) / link.up + min(kept) / link.down - overlap)
+    return max(0.0, makespan - overlap)
 
 
 def layout_mapping(cfg, partitions: int, split: Optional[int]) -> StageMapping:

@@ -23,7 +23,8 @@ Rows:
   with any exact schedule (``split_profile.step_floor`` per step, ``sync_floor`` for the
   epoch's replica sync), from the profiler's measurements on this machine (each pass
   alone, the links through their limiters); the ceiling is the measured M=1 epoch over
-  M=4's floor: the most pipelining can gain here, which no executor passes.
+  M=4's floor: the most pipelining can gain here, which no executor passes; likewise the
+  most the devices' idle time can fall (M=4's floor less their busy time in the M=4 run).
 * ``workers``: split 1, M=4 with one compute thread per node (``split.workers: 1``)
   against two, run one after the other: what the server's second worker gives.
 * ``sweep``: every split (-1, 1, 2) × M (1, 2, 4, 8, 16) with 1f1b, and a run with
@@ -183,9 +184,11 @@ def floor_lines(bench: Bench, split: int, one: dict, four: dict) -> None:
             f"{run['epoch'] / epoch - 1:+.0%} above it")
     ceiling = one["epoch"] / floors[4]
     speed = one["epoch"] / four["epoch"]
+    idle_cut = 1 - max(0.0, floors[4] - (four["epoch"] - four["idle"])) / one["idle"]
     bench.lines.append(
         f"    ceiling: measured M=1 epoch / M=4's floor = {ceiling:.2f}x, the most an exact M=4 schedule could gain "
-        f"on this machine; this run's {speed:.2f}x is {speed / ceiling:.0%} of it")
+        f"on this machine; this run's {speed:.2f}x is {speed / ceiling:.0%} of it; device idle at most "
+        f"{idle_cut:.0%} lower (M=4's floor less the devices' busy time in its run, against M=1's idle)")
 
 
 def workers_row(bench: Bench) -> None:
