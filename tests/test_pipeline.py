@@ -184,9 +184,9 @@ def test_an_epoch_with_sync_through_the_server_takes_at_least_its_step_floors_an
                 done = max(done, sent) + weights[p - 1] / down
             return done
 
-        tail = sum(profile.bwd[8][p] for p in range(3)) + profile.update[0]
+        overlap = sum(profile.bwd[8][p] for p in range(3)) + profile.update[0]  # the tail's backward
         best = min(makespan(order) for order in itertools.permutations((1, 2, 3)))
-        assert sync_floor(profile, 3, 1, device=0) == pytest.approx(best - tail)
+        assert sync_floor(profile, 3, 1, device=0) == pytest.approx(best - overlap)
 
 
 def test_cores_shared_by_the_nodes_slow_the_simulation_down():
