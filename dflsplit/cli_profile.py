@@ -6,7 +6,8 @@ pipeline (device/server split and micro-batches) by simulating it.
 Prints each partition's forward, backward and update time per micro-batch size, the bytes
 at each cut, each distinct link (configured and measured), then one simulated epoch per
 candidate (``split`` x ``micro_batches``: the ones the config sets to ``auto``, else its
-own values) and the choice, the one with the shortest epoch; ``split: auto`` and
+own values) beside its floor (the least time any exact schedule could take) and the
+choice, the one with the shortest epoch; ``split: auto`` and
 ``micro_batches: auto`` make the same choice at launch. ``--slowdown 3=4`` makes node 3's
 compute 4 times slower in the simulation (nodes of one machine share its measurement).
 ``--offload`` also prints a stage configuration for the run's clients that places the
@@ -92,12 +93,14 @@ def run_profile(args: argparse.Namespace) -> int:
         return _err(str(e))
     print(f"\nsimulated epoch ({epoch} steps; schedule {cfg.split.schedule}, {cfg.split.order} order, "
           f"{cfg.split.workers} worker(s) per node):")
-    print(f"  {'split':>5} {'micro':>5} {'epoch s':>9} {'device idle s':>14}")
+    print(f"  {'split':>5} {'micro':>5} {'epoch s':>9} {'device idle s':>14} {'floor s':>9}")
     for row in choice.table:
         split = "-" if row["split"] is None else row["split"]
         mark = "  <- chosen" if (row["split"], row["micro_batches"]) == (choice.split, choice.micro_batches) else ""
+        floor = "-" if row["floor_seconds"] is None else f"{row['floor_seconds']:.2f}"
         print(f"  {split:>5} {row['micro_batches']:>5} {row['epoch_seconds']:9.2f} {row['device_idle_seconds']:14.2f}"
-              f"{mark}")
+              f" {floor:>9}{mark}")
+    print("  (floor: the least time any exact schedule could take, device/server splits only)")
     what = f"micro_batches: {choice.micro_batches}"
     if choice.split is not None:
         what = f"split: {choice.split}, " + what

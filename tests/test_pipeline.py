@@ -277,6 +277,8 @@ def test_profile_command_measures_and_chooses(tmp_path, capsys):
     sims = out.split("simulated epoch")[1].split("choice:")[0]
     table = [line.split() for line in sims.splitlines() if line.strip() and line.split()[0] in ("-1", "1")]
     assert {(r[0], r[1]) for r in table} == {(s, m) for s in ("-1", "1") for m in ("1", "2", "4", "8")}
+    for split, _, epoch, _, floor, *_ in table:  # the floor: below what the simulated schedule takes
+        assert floor == "-" if split == "-1" else 0 < float(floor) <= float(epoch)
     assert sum("<- chosen" in line for line in out.splitlines()) == 1 and "choice: split: " in out
     assert "the stage validator accepts it (rules 1-6, strict order)" in out
 

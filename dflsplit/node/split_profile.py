@@ -560,6 +560,23 @@ def simulate_config(cfg, profile: Profile, split: Optional[int], micro: int, epo
                      {c: v * scale for c, v in sim.idle.items()})
 
 
+def epoch_floor(cfg, profile: Profile, split: Optional[int], micro: int, epoch_steps: int) -> Optional[float]:
+    """The least time an epoch of the run can take with device/server `split` and `micro`
+    micro-batches, for any exact schedule: the slowest device's `step_floor` for each step,
+    plus `sync_floor` for each replica sync through the server (amortised over the epoch).
+    None when there is no device/server split (``split`` None or -1)."""
+    from .split import sync_settings
+
+    if split is None or not 1 <= split <= profile.partitions - 2:
+        return None
+    sync, every, unit = sync_settings(cfg)
+    syncs = 0.0 if sync != "star" else (1 / every if unit == "epochs" else epoch_steps / every)
+    server = cfg.split.server
+    devices = [u for u in range(cfg.num_nodes) if u != server]
+    return max(epoch_steps * step_floor(profile, split, micro, u, server, len(devices), cfg.split.workers).seconds
+               + syncs * sync_floor(profile, split, micro, u) for u in devices)
+
+
 def _period(cfg, epoch_steps: int) -> int:
     from .split import sync_settings
 
@@ -578,7 +595,8 @@ class Choice:
 
 def choose(cfg, profile: Profile, epoch_steps: int) -> Choice:
     """Simulate one epoch for every candidate (split, M) and keep the shortest (ties: fewer
-    micro-batches)."""
+    micro-batches); each row also has the epoch's floor (`epoch_floor`, None without a
+    device/server split)."""
     table = []
     devices = [u for u in range(cfg.num_nodes) if u != cfg.split.server]
     for split in candidate_splits(cfg, profile.partitions):
@@ -586,7 +604,8 @@ def choose(cfg, profile: Profile, epoch_steps: int) -> Choice:
             sim = simulate_config(cfg, profile, split, m, epoch_steps)
             dev_idle = statistics.fmean(sim.idle[uid_to_client(u)] for u in devices) if devices else 0.0
             table.append({"split": split, "micro_batches": m, "epoch_seconds": sim.seconds,
-                          "device_idle_seconds": dev_idle})
+                          "device_idle_seconds": dev_idle,
+                          "floor_seconds": epoch_floor(cfg, profile, split, m, epoch_steps)})
     best = min(table, key=lambda r: (round(r["epoch_seconds"], 9), r["micro_batches"]))
     return Choice(best["split"], best["micro_batches"], table)
 
