@@ -166,16 +166,17 @@ def floor_lines(bench: Bench, split: int, one: dict, four: dict) -> None:
     """The epoch's floor at M=1 and M=4 (`split_profile.step_floor` for each step, then
     `sync_floor`), from the profiler's measurements of this machine, against the measured
     epochs; and the ceiling it puts on M=4's speed-up over the measured M=1."""
-    from dflsplit.node.split_profile import profile_run, step_floor, sync_floor
+    from dflsplit.node.split_profile import epoch_floor, profile_run, step_floor, sync_floor
 
+    cfg = load_config(bench.path, ["split.micro_batches=auto"])
     if bench.profile is None:
-        bench.profile = profile_run(load_config(bench.path, ["split.micro_batches=auto"]))
-    pr, workers = bench.profile, yaml.safe_load(bench.path.read_text())["split"]["workers"]
+        bench.profile = profile_run(cfg)
+    pr = bench.profile
     floors = {}
     for m, run in ((1, one), (4, four)):
-        step = step_floor(pr, split, m, 0, SERVER, devices=DEVICES, workers=workers)
+        floors[m] = epoch = epoch_floor(cfg, pr, split, m, bench.steps)
+        step = step_floor(pr, split, m, 0, SERVER, devices=DEVICES, workers=cfg.split.workers)  # its parts
         sync = sync_floor(pr, split, m, 0)
-        floors[m] = epoch = bench.steps * step.seconds + sync
         bench.lines.append(
             f"    floor M={m}: epoch {epoch:6.2f} s ({bench.steps} x step {step.seconds:.3f} + sync {sync:.3f}; "
             f"step = fill {step.fill:.3f} + max(uplink {step.up:.3f}, activations {step.acts:.3f} + last round trip "
