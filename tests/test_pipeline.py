@@ -15,7 +15,7 @@ from dflsplit.cli_profile import profile_main
 from dflsplit.cli_stages import stages_main
 from dflsplit.mappings.stages import StageMapping, device_server_rows
 from dflsplit.node.split_profile import Link, Profile, choose, plan_offloading, simulate, step_floor, sync_floor
-from dflsplit.node.split_schedule import PipelineSchedule, SplitPlan
+from dflsplit.node.split_schedule import TAPER_LAST, PipelineSchedule, SplitPlan, micro_sizes
 from dflsplit.training import BatchSampler
 
 from stage_examples import ALL_LOCAL
@@ -149,6 +149,43 @@ def test_step_floor_is_the_sequential_step_at_one_micro_batch_and_bounds_every_s
     with pytest.raises(ValueError, match="split 3: .*1 <= split <= 2"):
         step_floor(profile, 3, 4, device=0, server=4)
 
+
+
+def test_micro_batch_sizes_even_and_tapered():
+    for batch, micro in itertools.product((1, 3, 7, 8, 32, 33, 100), (1, 2, 3, 4, 8)):
+        even = micro_sizes(batch, micro)
+        assert even == [len(c) for c in torch.tensor_split(torch.arange(batch), micro)]
+        tapered = micro_sizes(batch, micro, "tapered")
+        assert sum(tapered) == batch and len(tapered) == micro
+        assert tapered == sorted(tapered, reverse=True)
+        assert batch < micro or min(tapered) >= 1
+    assert micro_sizes(32, 4, "tapered") == [11, 9, 7, 5]
+    sizes = micro_sizes(10_000, 4, "tapered")
+    assert sizes[-1] / sizes[0] == pytest.approx(TAPER_LAST, abs=1e-3)
+    assert all(a - b == pytest.approx(sizes[0] - sizes[1], abs=2) for a, b in itertools.pairwise(sizes))
+    with pytest.raises(ValueError, match="sizing 'uneven': expected one of even, tapered"):
+        micro_sizes(32, 4, "uneven")
+
+
+def test_tapered_micro_batches_shorten_an_uplink_bound_step_and_stay_above_its_floor():
+    """Four devices whose uplink carries most of a step: with 4 or 8 micro-batches, the last
+    ones smaller, less of the step waits on the last one's round trip (at 2, the first
+    micro-batch's round trip, 22 of 32 samples, is longer than the second's upload, 10 of them,
+    which hides it: slower). The simulation of every case stays above `step_floor` for the
+    same sizes."""
+    faster = {}
+    for up, split, micro, workers in itertools.product((2e3, 2e4), (1, 2), (2, 4, 8), (1, 2)):
+        links = {u: Link(1, 1, up, 2.5 * up) for u in range(4)} | {4: Link(0, 0, UNLIMITED, UNLIMITED)}
+        profile = linear_profile(links, P=4, batch=32)
+        mapping = StageMapping(device_server_rows(5, 5, 4, split), 4)
+        sched = PipelineSchedule({c: SplitPlan(mapping, c, micro, sync="none", trainers=[1, 2, 3, 4])
+                                  for c in range(1, 6)})
+        step = {sizing: simulate(sched, profile, steps=2, workers=workers, sizing=sizing).seconds / 2
+                for sizing in ("even", "tapered")}
+        floor = step_floor(profile, split, micro, device=0, server=4, devices=4, workers=workers, sizing="tapered")
+        assert step["tapered"] >= floor.seconds * (1 - 1e-9)
+        faster.setdefault(micro, []).append(step["tapered"] < step["even"])
+    assert all(faster[4]) and all(faster[8]) and not any(faster[2])
 
 def test_an_epoch_with_sync_through_the_server_takes_at_least_its_step_floors_and_sync_floor():
     """Replicas averaged through the server every 2 steps: the simulated 2 steps with their

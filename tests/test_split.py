@@ -423,6 +423,16 @@ def test_pipelined_run_equals_unsplit_reference(tmp_path, base_port, schedule, m
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("schedule,micro", [("1f1b", 4), ("gpipe", 8)])
+def test_tapered_micro_batches_equal_unsplit_reference(tmp_path, base_port, schedule, micro):
+    """Micro-batches of falling sizes (split.micro_sizes: tapered) train the same model."""
+    cfg = split_config(tmp_path, base_port, EXAMPLE, f"split.micro_batches={micro}", f"split.schedule={schedule}",
+                       "split.micro_sizes=tapered")
+    run_experiment(cfg, tmp_path / "run")
+    assert_matches_reference(cfg, tmp_path / "run", 20)
+
+
+@pytest.mark.slow
 def test_run_with_two_workers_equals_unsplit_reference(tmp_path, base_port):
     """Client 1 runs its own partitions and owner 4's partition 3: with 2 workers their
     passes overlap, and the weights still equal the unsplit run's."""

@@ -85,6 +85,7 @@ from ..training import BatchSampler, build_optimizer
 from .base import NODES, Node
 from .split_schedule import (
     EXCLUSIVE, SCHEDULES, Action, DataflowQueue, PipelineSchedule, SplitPlan, Token, describe_blocked, may_start,
+    micro_sizes,
 )
 
 PREFIX = "split/x/"
@@ -566,7 +567,8 @@ class SplitNode(Node):
         for t in steps:
             if self.trains and self.client in self.plan.active(t):
                 batch = self.sampler.next()
-                self.batches[t] = list(torch.tensor_split(batch, self.plan.M))
+                sizes = micro_sizes(len(batch), self.plan.M, self.cfg.split.micro_sizes)
+                self.batches[t] = list(torch.split(batch, sizes))
                 self.batch_sizes[t] = len(batch)
                 self.losses[t] = 0.0
         for t in steps:

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..mappings.stages import StageMapping, device_server_rows, task_label, uid_to_client, client_to_uid
 from .base import machine_cores, node_threads
-from .split_schedule import DataflowQueue, PipelineSchedule, may_start
+from .split_schedule import DataflowQueue, PipelineSchedule, may_start, micro_sizes
 
 log = logging.getLogger("dflsplit.profile")
 
@@ -103,12 +103,6 @@ class Profile:
             return table[lo][partition - 1] * size / lo
         a, b = table[lo][partition - 1], table[hi][partition - 1]
         return a + (b - a) * (size - lo) / (hi - lo)
-
-
-def micro_sizes(batch: int, micro: int) -> list[int]:
-    """The micro-batch sizes of a batch cut into `micro` (torch.tensor_split's)."""
-    q, r = divmod(batch, micro)
-    return [q + (i < r) for i in range(micro)]
 
 
 # --------------------------------------------------------------------------- measuring
@@ -285,7 +279,8 @@ def profile_run(cfg, dataset=None, slowdown: Optional[dict[int, float]] = None) 
 
     dataset = dataset if dataset is not None else build_dataset(cfg)
     b = cfg.training.batch_size
-    sizes = sorted({s for m in candidate_micro(cfg) for s in micro_sizes(b, m)} | {b})
+    sizes = sorted({s for m in candidate_micro(cfg) for sizing in {"even", cfg.split.micro_sizes}
+                    for s in micro_sizes(b, m, sizing)} | {b})
     idx = dataset.partition_train(1)[0][:b]
     x, y = dataset.load_train(idx)
     while len(y) < b:  # a tiny training set: repeat it
@@ -317,8 +312,7 @@ class Simulated:
     idle: dict[int, float]
 
 
-def _duration(profile: Profile, plan, a, uid: int) -> float:
-    sizes = micro_sizes(profile.batch, plan.M)
+def _duration(profile: Profile, sizes: list[int], a, uid: int) -> float:
     if a.kind in ("fwd", "bwd"):
         return profile.pass_time(a.kind, a.partition, sizes[a.micro]) * profile.speed(uid)
     if a.kind == "step":
@@ -326,12 +320,12 @@ def _duration(profile: Profile, plan, a, uid: int) -> float:
     return 0.0
 
 
-def _payload_bytes(profile: Profile, token, M: int) -> int:
+def _payload_bytes(profile: Profile, token, sizes: list[int]) -> int:
     kind = token[0]
     if kind in ("net_act", "net_grad"):
         _, _, o, p, m = token
         cut = p - 1 if kind == "net_act" else p  # the output whose activation or gradient travels
-        return profile.out_bytes[cut - 1] * micro_sizes(profile.batch, M)[m]
+        return profile.out_bytes[cut - 1] * sizes[m]
     if kind in ("sync", "avg"):
         return profile.param_bytes[token[2] - 1]
     return 0
@@ -341,10 +335,11 @@ def _payload_bytes(profile: Profile, token, M: int) -> int:
 SEND_PRIORITY = {"net_grad": 0, "net_act": 1}
 
 
-def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: int = 1) -> Simulated:
+def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: int = 1,
+             sizing: str = "even") -> Simulated:
     """Run `steps` steps of `schedule` in time with `profile`'s durations and links, each
     client with the compute threads it takes of `workers` (``split.workers``; see the
-    module docstring)."""
+    module docstring), micro-batches cut by `sizing` (``split.micro_sizes``)."""
     plans = schedule.plans
     clients = sorted(plans)
     uid = {c: client_to_uid(c) for c in clients}
@@ -388,7 +383,7 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: 
             def allowed(a, c=c):
                 return may_start(a, running[c], threads[c])
             while (a := queues[c].peek(allowed)) is not None:
-                d = _duration(profile, plans[c], a, uid[c])
+                d = _duration(profile, micro_sizes(profile.batch, plans[c].M, sizing), a, uid[c])
                 if d > 0 and computing >= slots:
                     break
                 queues[c].pop(allowed)
@@ -418,7 +413,7 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: 
                 if dest == c:
                     queues[c].produce(tok)
                     continue
-                n = _payload_bytes(profile, tok, plans[c].M)
+                n = _payload_bytes(profile, tok, micro_sizes(profile.batch, plans[c].M, sizing))
                 heapq.heappush(uplink[c], (SEND_PRIORITY.get(tok[0], 2), seq, dest, tok, n))
                 seq += 1
                 send_next(c)
@@ -455,8 +450,9 @@ class StepFloor:
 
 
 def step_floor(profile: Profile, split: int, micro: int, device: int, server: int, devices: int = 1,
-               workers: int = 1) -> StepFloor:
-    """The least time a step of `device` (node uid) can take with `micro` micro-batches when
+               workers: int = 1, sizing: str = "even") -> StepFloor:
+    """The least time a step of `device` (node uid) can take with `micro` micro-batches (cut
+    by `sizing`, ``split.micro_sizes``) when
     it keeps partitions 1..`split` and the last, and `server` (node uid) the ones between
     for `devices` devices like it, on `workers` compute threads (``split.workers``).
 
@@ -477,7 +473,7 @@ def step_floor(profile: Profile, split: int, micro: int, device: int, server: in
     if not 1 <= split <= P - 2:
         raise ValueError(f"split {split}: a device/server layout with partitions 1..{split} and {P} on the device "
                          f"and a server partition between (1 <= split <= {P - 2})")
-    sizes = micro_sizes(profile.batch, micro)
+    sizes = micro_sizes(profile.batch, micro, sizing)
     n = min(sizes)
     dev, srv = profile.speed(device), profile.speed(server)
     link = profile.links[device]
@@ -506,7 +502,7 @@ def step_floor(profile: Profile, split: int, micro: int, device: int, server: in
                      max(uplink, compute, server_floor, machine))
 
 
-def sync_floor(profile: Profile, split: int, micro: int, device: int) -> float:
+def sync_floor(profile: Profile, split: int, micro: int, device: int, sizing: str = "even") -> float:
     """The least time an epoch's replica sync through the server (device/server mode's
     fedavg) adds after the epoch's last step floor (`step_floor`), for a device that keeps
     partitions 1..`split` and the last. Partitions 1..`split` are final only in the step's
@@ -524,7 +520,7 @@ def sync_floor(profile: Profile, split: int, micro: int, device: int) -> float:
     for up, down in order:
         up_done += up
         makespan = max(makespan, up_done) + down
-    n = min(micro_sizes(profile.batch, micro))
+    n = min(micro_sizes(profile.batch, micro, sizing))
     overlap = (sum(profile.pass_time("bwd", p, n) for p in range(1, split + 1)) + profile.update[0]) \
         * profile.speed(device)
     return max(0.0, makespan - overlap)
@@ -554,7 +550,8 @@ def simulate_config(cfg, profile: Profile, split: Optional[int], micro: int, epo
     stages = layout_mapping(trial, profile.partitions, split)
     period = _period(trial, epoch_steps)
     steps = min(epoch_steps, MAX_SIMULATED_STEPS)
-    sim = simulate(build_schedule(trial, stages, period), profile, steps, trial.split.workers)
+    sim = simulate(build_schedule(trial, stages, period), profile, steps, trial.split.workers,
+                   trial.split.micro_sizes)
     scale = epoch_steps / steps
     return Simulated(sim.seconds * scale, {c: v * scale for c, v in sim.busy.items()},
                      {c: v * scale for c, v in sim.idle.items()})
@@ -573,8 +570,10 @@ def epoch_floor(cfg, profile: Profile, split: Optional[int], micro: int, epoch_s
     syncs = 0.0 if sync != "star" else (1 / every if unit == "epochs" else epoch_steps / every)
     server = cfg.split.server
     devices = [u for u in range(cfg.num_nodes) if u != server]
-    return max(epoch_steps * step_floor(profile, split, micro, u, server, len(devices), cfg.split.workers).seconds
-               + syncs * sync_floor(profile, split, micro, u) for u in devices)
+    sizing = cfg.split.micro_sizes
+    return max(epoch_steps * step_floor(profile, split, micro, u, server, len(devices), cfg.split.workers,
+                                        sizing).seconds
+               + syncs * sync_floor(profile, split, micro, u, sizing) for u in devices)
 
 
 def _period(cfg, epoch_steps: int) -> int:

@@ -54,6 +54,33 @@ ActionKind = Literal["fwd", "bwd", "send", "recv", "step", "share", "sync"]
 SyncMode = Literal["fedavg", "gossip", "star", "none"]
 
 
+#: ``split.micro_sizes``: how a batch is cut into micro-batches
+MICRO_SIZINGS = ("even", "tapered")
+#: tapered sizes fall linearly from the first micro-batch's to this fraction of it
+TAPER_LAST = 0.45
+
+
+def micro_sizes(batch: int, micro: int, sizing: str = "even") -> list[int]:
+    """The sizes of the `micro` micro-batches a batch of `batch` samples is cut into, in
+    order. ``even``: torch.tensor_split's (they differ by at most one). ``tapered``: falling
+    linearly to about `TAPER_LAST` of the first (largest remainders rounded up, none empty
+    while `batch` >= `micro`), so the last micro-batch's round trip, which nothing else
+    hides in an exact step, is short; the batch's gradient is the same."""
+    if sizing not in MICRO_SIZINGS:
+        raise ValueError(f"micro-batch sizing {sizing!r}: expected one of {', '.join(MICRO_SIZINGS)}")
+    if sizing == "even" or micro == 1 or batch < micro:
+        q, r = divmod(batch, micro)
+        return [q + (i < r) for i in range(micro)]
+    weights = [1 - (1 - TAPER_LAST) * i / (micro - 1) for i in range(micro)]
+    spare = batch - micro  # one sample each first, the rest by weight
+    shares = [spare * w / sum(weights) for w in weights]
+    sizes = [1 + int(s) for s in shares]
+    by_remainder = sorted(range(micro), key=lambda i: (int(shares[i]) - shares[i], i))
+    for i in by_remainder[:batch - sum(sizes)]:
+        sizes[i] += 1
+    return sizes
+
+
 @dataclass(frozen=True)
 class Action:
     """One unit of work of a client: `kind` at `step` for owner `owner` (0 for the
@@ -698,6 +725,7 @@ def dry_run(plans: dict[int, SplitPlan] | PipelineSchedule, steps: int) -> dict[
 
 
 __all__ = [
-    "Action", "DataflowQueue", "GPipe", "OneFOneB", "PipelineSchedule", "SCHEDULES", "Schedule",
-    "ScheduleDeadlock", "Scheduled", "SplitPlan", "describe_blocked", "describe_token", "dry_run", "get_schedule",
+    "MICRO_SIZINGS", "SCHEDULES", "TAPER_LAST", "Action", "DataflowQueue", "GPipe", "OneFOneB", "PipelineSchedule",
+    "Schedule", "ScheduleDeadlock", "Scheduled", "SplitPlan", "describe_blocked", "describe_token", "dry_run",
+    "get_schedule", "micro_sizes",
 ]

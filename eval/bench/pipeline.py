@@ -17,7 +17,8 @@ Rows:
   / time difference, each transfer starting with an idle link), and in the M=4 run
   (payload bytes each device uploaded / the time its sender spent publishing them).
   Target: within ±10 % of the configured rate.
-* ``pipeline``: splits 1 and 2, M = 1 against M = 4 (schedule 1f1b, and gpipe beside it):
+* ``pipeline``: splits 1 and 2, M = 1 against M = 4 (schedule 1f1b, and gpipe beside it;
+  and 1f1b with ``split.micro_sizes: tapered``, micro-batches of 11, 9, 7 and 5 samples):
   the epoch's time and the devices' idle time. Targets: M=4 at least 1.5× faster, device
   idle at least 30 % lower. Beside them, each M's floor: the least time an epoch can take
   with any exact schedule (``split_profile.step_floor`` per step, ``sync_floor`` for the
@@ -148,48 +149,57 @@ def pipeline(bench: Bench, sweep: dict) -> dict:
         one = sweep.get((split, 1)) or bench.run([f"split.split={split}", "split.micro_batches=1"])
         four = sweep.get((split, 4)) or bench.run([f"split.split={split}", "split.micro_batches=4"])
         gpipe = bench.run([f"split.split={split}", "split.micro_batches=4", "split.schedule=gpipe"])
+        tapered = bench.run([f"split.split={split}", "split.micro_batches=4", "split.micro_sizes=tapered"])
         lines.append(f"  split {split} ({where})")
-        lines.append(f"    M=1          {fmt(one)}")
-        lines.append(f"    M=4          {fmt(four)}")
-        lines.append(f"    M=4 (gpipe)  {fmt(gpipe)}")
-        speed = one["epoch"] / four["epoch"]
-        idle = 1 - four["idle"] / one["idle"]
-        lines.append(f"    M=4 is {speed:.2f}x faster than M=1 (target >= 1.5x: {'met' if speed >= 1.5 else 'NOT met'}); "
-                     f"device idle {idle:.0%} lower (target >= 30 %: {'met' if idle >= 0.30 else 'NOT met'})")
-        floor_lines(bench, split, one, four)
+        lines.append(f"    M=1            {fmt(one)}")
+        lines.append(f"    M=4            {fmt(four)}")
+        lines.append(f"    M=4 (gpipe)    {fmt(gpipe)}")
+        lines.append(f"    M=4 (tapered)  {fmt(tapered)}  (micro-batches of 11, 9, 7, 5 samples)")
+        for name, run in (("M=4", four), ("M=4 tapered", tapered)):
+            speed = one["epoch"] / run["epoch"]
+            idle = 1 - run["idle"] / one["idle"]
+            lines.append(f"    {name} is {speed:.2f}x faster than M=1 (target >= 1.5x: "
+                         f"{'met' if speed >= 1.5 else 'NOT met'}); device idle {idle:.0%} lower (target >= 30 %: "
+                         f"{'met' if idle >= 0.30 else 'NOT met'})")
+        floor_lines(bench, split, one, {"even": four, "tapered": tapered})
         if split == 1:
             out = four
     return out
 
 
-def floor_lines(bench: Bench, split: int, one: dict, four: dict) -> None:
-    """The epoch's floor at M=1 and M=4 (`split_profile.step_floor` for each step, then
-    `sync_floor`), from the profiler's measurements of this machine, against the measured
-    epochs; and the ceiling it puts on M=4's speed-up over the measured M=1."""
+def floor_lines(bench: Bench, split: int, one: dict, fours: dict) -> None:
+    """The epoch's floor at M=1 and at M=4 with each micro-batch sizing of `fours`
+    (`split_profile.step_floor` for each step, then `sync_floor`), from the profiler's
+    measurements of this machine, against the measured epochs; and the ceiling it puts on
+    M=4's speed-up over the measured M=1."""
     from dflsplit.node.split_profile import epoch_floor, profile_run, step_floor, sync_floor
 
-    cfg = load_config(bench.path, ["split.micro_batches=auto"])
+    cfg = load_config(bench.path, ["split.micro_batches=auto", "split.micro_sizes=tapered"])
     if bench.profile is None:
-        bench.profile = profile_run(cfg)
+        bench.profile = profile_run(cfg)  # measures the tapered sizes too
     pr = bench.profile
     floors = {}
-    for m, run in ((1, one), (4, four)):
-        floors[m] = epoch = epoch_floor(cfg, pr, split, m, bench.steps)
-        step = step_floor(pr, split, m, 0, SERVER, devices=DEVICES, workers=cfg.split.workers)  # its parts
-        sync = sync_floor(pr, split, m, 0)
+    for m, sizing, run in ((1, "even", one), *((4, sizing, run) for sizing, run in fours.items())):
+        cfg.split.micro_sizes = sizing
+        floors[(m, sizing)] = epoch = epoch_floor(cfg, pr, split, m, bench.steps)
+        step = step_floor(pr, split, m, 0, SERVER, devices=DEVICES, workers=cfg.split.workers, sizing=sizing)
+        sync = sync_floor(pr, split, m, 0, sizing)
+        name = f"M={m}" + (f" {sizing}" if m > 1 else "")
         bench.lines.append(
-            f"    floor M={m}: epoch {epoch:6.2f} s ({bench.steps} x step {step.seconds:.3f} + sync {sync:.3f}; "
+            f"    floor {name}: epoch {epoch:6.2f} s ({bench.steps} x step {step.seconds:.3f} + sync {sync:.3f}; "
             f"step = fill {step.fill:.3f} + max(uplink {step.up:.3f}, activations {step.acts:.3f} + last round trip "
             f"{step.last_round_trip:.3f}) + tail "
             f"{step.tail:.3f}; server {step.server:.3f}, cores {step.machine:.3f}), measured "
             f"{run['epoch'] / epoch - 1:+.0%} above it")
-    ceiling = one["epoch"] / floors[4]
-    speed = one["epoch"] / four["epoch"]
-    idle_cut = 1 - max(0.0, floors[4] - (four["epoch"] - four["idle"])) / one["idle"]
-    bench.lines.append(
-        f"    ceiling: measured M=1 epoch / M=4's floor = {ceiling:.2f}x, the most an exact M=4 schedule could gain "
-        f"on this machine; this run's {speed:.2f}x is {speed / ceiling:.0%} of it; device idle at most "
-        f"{idle_cut:.0%} lower (M=4's floor less the devices' busy time in its run, against M=1's idle)")
+    for sizing, four in fours.items():
+        ceiling = one["epoch"] / floors[(4, sizing)]
+        speed = one["epoch"] / four["epoch"]
+        idle_cut = 1 - max(0.0, floors[(4, sizing)] - (four["epoch"] - four["idle"])) / one["idle"]
+        bench.lines.append(
+            f"    ceiling M=4 {sizing}: measured M=1 epoch / its floor = {ceiling:.2f}x, the most an exact M=4 "
+            f"schedule with these sizes could gain on this machine; this run's {speed:.2f}x is {speed / ceiling:.0%} "
+            f"of it; device idle at most {idle_cut:.0%} lower (the floor less the devices' busy time in its run, "
+            f"against M=1's idle)")
 
 
 def workers_row(bench: Bench) -> None:
