@@ -5,10 +5,10 @@ pipeline (device/server split and micro-batches) by simulating it.
 
 Prints each partition's forward, backward and update time per micro-batch size, the bytes
 at each cut, each distinct link (configured and measured), then one simulated epoch per
-candidate (``split`` x ``micro_batches``: the ones the config sets to ``auto``, else its
-own values) beside its floor (the least time any exact schedule could take) and the
-choice, the one with the shortest epoch; ``split: auto`` and
-``micro_batches: auto`` make the same choice at launch. ``--slowdown 3=4`` makes node 3's
+candidate (``split`` x ``micro_batches`` x ``micro_sizes``: the ones the config sets to
+``auto``, else its own values) beside its floor (the least time any exact schedule could
+take) and the choice, the one with the shortest epoch; ``auto`` in the config makes the
+same choice at launch. ``--slowdown 3=4`` makes node 3's
 compute 4 times slower in the simulation (nodes of one machine share its measurement).
 ``--offload`` also prints a stage configuration for the run's clients that places the
 middle partitions on the clients that finish them first, checked by the stage validator.
@@ -93,15 +93,16 @@ def run_profile(args: argparse.Namespace) -> int:
         return _err(str(e))
     print(f"\nsimulated epoch ({epoch} steps; schedule {cfg.split.schedule}, {cfg.split.order} order, "
           f"{cfg.split.workers} worker(s) per node):")
-    print(f"  {'split':>5} {'micro':>5} {'epoch s':>9} {'device idle s':>14} {'floor s':>9}")
+    print(f"  {'split':>5} {'micro':>5} {'sizes':>7} {'epoch s':>9} {'device idle s':>14} {'floor s':>9}")
+    chosen = (choice.split, choice.micro_batches, choice.micro_sizes)
     for row in choice.table:
         split = "-" if row["split"] is None else row["split"]
-        mark = "  <- chosen" if (row["split"], row["micro_batches"]) == (choice.split, choice.micro_batches) else ""
+        mark = "  <- chosen" if (row["split"], row["micro_batches"], row["micro_sizes"]) == chosen else ""
         floor = "-" if row["floor_seconds"] is None else f"{row['floor_seconds']:.2f}"
-        print(f"  {split:>5} {row['micro_batches']:>5} {row['epoch_seconds']:9.2f} {row['device_idle_seconds']:14.2f}"
-              f" {floor:>9}{mark}")
+        print(f"  {split:>5} {row['micro_batches']:>5} {row['micro_sizes']:>7} {row['epoch_seconds']:9.2f} "
+              f"{row['device_idle_seconds']:14.2f} {floor:>9}{mark}")
     print("  (floor: the least time any exact schedule could take, device/server splits only)")
-    what = f"micro_batches: {choice.micro_batches}"
+    what = f"micro_batches: {choice.micro_batches}, micro_sizes: {choice.micro_sizes}"
     if choice.split is not None:
         what = f"split: {choice.split}, " + what
     print(f"choice: {what}")

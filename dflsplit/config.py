@@ -270,10 +270,10 @@ class SplitConfig:
     sync_unit: Literal["steps", "epochs"] = key("steps", "unit of sync_every")
     micro_batches: typing.Union[int, Literal["auto"]] = key(
         1, "micro-batches per step; auto: chosen by the profiler at launch", gt=0)
-    micro_sizes: Literal["even", "tapered"] = key(
+    micro_sizes: Literal["even", "tapered", "auto"] = key(
         "even", "how a batch is cut into micro-batches: even (torch.tensor_split's sizes) or tapered (falling "
                 "linearly to about 0.45x the first, same gradient: the last micro-batch's round trip, which "
-                "nothing hides, is short; for 4 or more micro-batches)")
+                "nothing hides, is short; for 4 or more micro-batches); auto: chosen by the profiler at launch")
     schedule: str = key("gpipe", "pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b (at most "
                                  "pipeline-depth micro-batches in flight per partition)")
     order: Literal["relaxed", "strict"] = key(

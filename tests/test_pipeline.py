@@ -14,7 +14,9 @@ from dflsplit.config import ConfigError, load_config
 from dflsplit.cli_profile import profile_main
 from dflsplit.cli_stages import stages_main
 from dflsplit.mappings.stages import StageMapping, device_server_rows
-from dflsplit.node.split_profile import Link, Profile, choose, plan_offloading, simulate, step_floor, sync_floor
+from dflsplit.node.split_profile import (
+    Link, Profile, choose, epoch_floor, plan_offloading, simulate, step_floor, sync_floor,
+)
 from dflsplit.node.split_schedule import TAPER_LAST, PipelineSchedule, SplitPlan, micro_sizes
 from dflsplit.training import BatchSampler
 
@@ -59,10 +61,11 @@ def test_device_server_config_errors_name_the_key(tmp_path, split, message):
         load_config(pipar_config(tmp_path, **split))
 
 
-def test_auto_is_for_one_machine(tmp_path):
+@pytest.mark.parametrize("key", ["split", "micro_batches", "micro_sizes"])
+def test_auto_is_for_one_machine(tmp_path, key):
     with pytest.raises(ConfigError, match="auto is chosen by profiling one machine"):
-        load_config(pipar_config(tmp_path, micro_batches="auto"), ["run.machines=2", "run.procs_per_machine=3",
-                                                                    "run.hosts={0: 127.0.0.1, 1: 127.0.0.2}"])
+        load_config(pipar_config(tmp_path, **{key: "auto"}), ["run.machines=2", "run.procs_per_machine=3",
+                                                               "run.hosts={0: 127.0.0.1, 1: 127.0.0.2}"])
 
 
 def test_split_nodes_refuse_checkpoints_they_could_not_resume_from(tmp_path):
@@ -270,6 +273,19 @@ def test_planner_keeps_the_shortest_simulated_epoch(tmp_path):
     assert choice.split in (1, 2) and choice.micro_batches > 1  # slow devices, fast links: offload, pipeline
 
 
+def test_planner_tries_both_micro_batch_sizings_when_auto(tmp_path):
+    cfg = load_config(pipar_config(tmp_path, micro_batches="auto", micro_sizes="auto", aggregation_frequency=0))
+    links = {u: Link(1, 1, 2e4, 5e4) for u in range(4)} | {4: Link(0, 0, UNLIMITED, UNLIMITED)}
+    choice = choose(cfg, linear_profile(links, P=4, batch=32), epoch_steps=2)
+    epochs = {(r["micro_batches"], r["micro_sizes"]): r["epoch_seconds"] for r in choice.table}
+    assert set(epochs) == {(1, "even")} | {(m, s) for m in (2, 4, 8) for s in ("even", "tapered")}
+    assert epochs[(4, "tapered")] < epochs[(4, "even")] and epochs[(2, "tapered")] > epochs[(2, "even")]
+    assert epochs[(choice.micro_batches, choice.micro_sizes)] == min(epochs.values())
+    assert choice.micro_sizes == "tapered"
+    with pytest.raises(ValueError, match="sizing 'auto': expected one of even, tapered \\(auto is resolved"):
+        epoch_floor(cfg, linear_profile(links, P=4, batch=32), 1, 4, 2)
+
+
 def test_offloading_plan_moves_the_middle_off_a_slow_client_and_passes_the_validator():
     links = {u: Link(0, 0, 1e9, 1e9) for u in range(5)}
     assert plan_offloading(linear_profile(links, P=4), 5) == ALL_LOCAL  # equal clients keep their own
@@ -305,7 +321,8 @@ def test_profile_command_measures_and_chooses(tmp_path, capsys):
     data = {"run": {"procs_per_machine": 3, "threads_per_proc": 1}, "model": {"name": "mlp", "hidden": [16, 16],
             "partitions": 3}, "node": {"name": "split"}, "training": {"batch_size": 8, "local_steps": 2},
             "communication": {"node_limits": {0: [2000000, 4000000], 1: [2000000, 4000000]}},
-            "split": {"server": 2, "split": "auto", "micro_batches": "auto", "profile_repeats": 1}}
+            "split": {"server": 2, "split": "auto", "micro_batches": "auto", "micro_sizes": "auto",
+                      "profile_repeats": 1}}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(data))
     assert profile_main([str(path), "--offload"]) == 0
@@ -313,10 +330,12 @@ def test_profile_command_measures_and_chooses(tmp_path, capsys):
     assert "nodes 0,1" in out and "up cap    2000000" in out and "nodes 2" in out
     sims = out.split("simulated epoch")[1].split("choice:")[0]
     table = [line.split() for line in sims.splitlines() if line.strip() and line.split()[0] in ("-1", "1")]
-    assert {(r[0], r[1]) for r in table} == {(s, m) for s in ("-1", "1") for m in ("1", "2", "4", "8")}
-    for split, _, epoch, _, floor, *_ in table:  # the floor: below what the simulated schedule takes
+    assert {tuple(r[:3]) for r in table} == {(s, "1", "even") for s in ("-1", "1")} | {
+        (s, m, sizes) for s in ("-1", "1") for m in ("2", "4", "8") for sizes in ("even", "tapered")}
+    for split, _, _, epoch, _, floor, *_ in table:  # the floor: below what the simulated schedule takes
         assert floor == "-" if split == "-1" else 0 < float(floor) <= float(epoch)
     assert sum("<- chosen" in line for line in out.splitlines()) == 1 and "choice: split: " in out
+    assert ", micro_sizes: " in out.split("choice: ")[1].splitlines()[0]
     assert "the stage validator accepts it (rules 1-6, strict order)" in out
 
 

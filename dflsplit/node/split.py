@@ -453,12 +453,12 @@ class SplitNode(Node):
 
     @classmethod
     def prepare(cls, cfg, dataset=None) -> dict[str, Any]:
-        """Resolve ``split: auto`` and ``micro_batches: auto`` with the profiler (the choice is
-        written into the config, so every machine must agree on it), then the stage mapping
+        """Resolve ``auto`` in ``split``, ``micro_batches`` and ``micro_sizes`` with the profiler
+        (the choice is written into the config, so every machine must agree on it), then the stage mapping
         (parsed and validated once), its peer graph, the timeline, and the pipeline schedule,
         dry-run for every distinct step of the run before anything trains."""
         sp = cfg.split
-        if sp.split == "auto" or sp.micro_batches == "auto":
+        if "auto" in (sp.split, sp.micro_batches, sp.micro_sizes):
             from .split_profile import resolve_auto
 
             resolve_auto(cfg, dataset)
@@ -478,9 +478,9 @@ class SplitNode(Node):
         if sp.schedule not in SCHEDULES:
             return (f"section 'split': key 'schedule': unknown schedule {sp.schedule!r}; "
                     f"known: {', '.join(SCHEDULES.names())}")
-        if (sp.split == "auto" or sp.micro_batches == "auto") and cfg.run.machines > 1:
-            return ("section 'split': keys 'split'/'micro_batches': auto is chosen by profiling one machine; with "
-                    "several machines set them (dflsplit profile CONFIG prints the choice)")
+        if "auto" in (sp.split, sp.micro_batches, sp.micro_sizes) and cfg.run.machines > 1:
+            return ("section 'split': keys 'split'/'micro_batches'/'micro_sizes': auto is chosen by profiling one "
+                    "machine; with several machines set them (dflsplit profile CONFIG prints the choice)")
         if cfg.run.checkpoint_every:
             return ("section 'run': key 'checkpoint_every': split nodes are not checkpointed (their replicas, "
                     "optimizers and pipelines would restart from scratch on --resume); set it to 0")

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..mappings.stages import StageMapping, device_server_rows, task_label, uid_to_client, client_to_uid
 from .base import machine_cores, node_threads
-from .split_schedule import DataflowQueue, PipelineSchedule, may_start, micro_sizes
+from .split_schedule import MICRO_SIZINGS, DataflowQueue, PipelineSchedule, may_start, micro_sizes
 
 log = logging.getLogger("dflsplit.profile")
 
@@ -262,6 +262,14 @@ def candidate_micro(cfg) -> list[int]:
     return [k for k in CANDIDATE_MICRO if k <= cfg.training.batch_size]
 
 
+def candidate_sizings(cfg, micro: int) -> list[str]:
+    """The micro-batch sizings the planner tries with `micro` micro-batches (one at M=1,
+    where they agree)."""
+    if cfg.split.micro_sizes != "auto":
+        return [cfg.split.micro_sizes]
+    return list(MICRO_SIZINGS) if micro > 1 else ["even"]
+
+
 def candidate_splits(cfg, partitions: int) -> list[Optional[int]]:
     sp = cfg.split
     if sp.server is None:
@@ -279,7 +287,7 @@ def profile_run(cfg, dataset=None, slowdown: Optional[dict[int, float]] = None) 
 
     dataset = dataset if dataset is not None else build_dataset(cfg)
     b = cfg.training.batch_size
-    sizes = sorted({s for m in candidate_micro(cfg) for sizing in {"even", cfg.split.micro_sizes}
+    sizes = sorted({s for m in candidate_micro(cfg) for sizing in {"even", *candidate_sizings(cfg, m)}
                     for s in micro_sizes(b, m, sizing)} | {b})
     idx = dataset.partition_train(1)[0][:b]
     x, y = dataset.load_train(idx)
@@ -536,9 +544,19 @@ def layout_mapping(cfg, partitions: int, split: Optional[int]) -> StageMapping:
     return StageMapping(rows, partitions, strict_order=cfg.split.order == "strict")
 
 
-def simulate_config(cfg, profile: Profile, split: Optional[int], micro: int, epoch_steps: int) -> Simulated:
-    """One epoch of the run with device/server `split` and `micro` micro-batches (at most
-    MAX_SIMULATED_STEPS steps simulated, scaled to the epoch)."""
+def _sizing(cfg, sizing: Optional[str]) -> str:
+    sizing = sizing or cfg.split.micro_sizes
+    if sizing not in MICRO_SIZINGS:
+        raise ValueError(f"micro-batch sizing {sizing!r}: expected one of {', '.join(MICRO_SIZINGS)} (auto is "
+                         f"resolved by the planner)")
+    return sizing
+
+
+def simulate_config(cfg, profile: Profile, split: Optional[int], micro: int, epoch_steps: int,
+                    sizing: Optional[str] = None) -> Simulated:
+    """One epoch of the run with device/server `split` and `micro` micro-batches cut by
+    `sizing` (default: the config's ``split.micro_sizes``); at most MAX_SIMULATED_STEPS
+    steps simulated, scaled to the epoch."""
     import copy
 
     from .split import build_schedule
@@ -551,16 +569,18 @@ def simulate_config(cfg, profile: Profile, split: Optional[int], micro: int, epo
     period = _period(trial, epoch_steps)
     steps = min(epoch_steps, MAX_SIMULATED_STEPS)
     sim = simulate(build_schedule(trial, stages, period), profile, steps, trial.split.workers,
-                   trial.split.micro_sizes)
+                   _sizing(cfg, sizing))
     scale = epoch_steps / steps
     return Simulated(sim.seconds * scale, {c: v * scale for c, v in sim.busy.items()},
                      {c: v * scale for c, v in sim.idle.items()})
 
 
-def epoch_floor(cfg, profile: Profile, split: Optional[int], micro: int, epoch_steps: int) -> Optional[float]:
+def epoch_floor(cfg, profile: Profile, split: Optional[int], micro: int, epoch_steps: int,
+                sizing: Optional[str] = None) -> Optional[float]:
     """The least time an epoch of the run can take with device/server `split` and `micro`
-    micro-batches, for any exact schedule: the slowest device's `step_floor` for each step,
-    plus `sync_floor` for each replica sync through the server (amortised over the epoch).
+    micro-batches cut by `sizing` (default: the config's), for any exact schedule: the
+    slowest device's `step_floor` for each step, plus `sync_floor` for each replica sync
+    through the server (amortised over the epoch).
     None when there is no device/server split (``split`` None or -1)."""
     from .split import sync_settings
 
@@ -570,7 +590,7 @@ def epoch_floor(cfg, profile: Profile, split: Optional[int], micro: int, epoch_s
     syncs = 0.0 if sync != "star" else (1 / every if unit == "epochs" else epoch_steps / every)
     server = cfg.split.server
     devices = [u for u in range(cfg.num_nodes) if u != server]
-    sizing = cfg.split.micro_sizes
+    sizing = _sizing(cfg, sizing)
     return max(epoch_steps * step_floor(profile, split, micro, u, server, len(devices), cfg.split.workers,
                                         sizing).seconds
                + syncs * sync_floor(profile, split, micro, u, sizing) for u in devices)
@@ -589,29 +609,31 @@ class Choice:
 
     split: Optional[int]
     micro_batches: int
+    micro_sizes: str
     table: list[dict[str, Any]]
 
 
 def choose(cfg, profile: Profile, epoch_steps: int) -> Choice:
-    """Simulate one epoch for every candidate (split, M) and keep the shortest (ties: fewer
-    micro-batches); each row also has the epoch's floor (`epoch_floor`, None without a
-    device/server split)."""
+    """Simulate one epoch for every candidate (split, M, micro-batch sizing) and keep the
+    shortest (ties: fewer micro-batches, even sizes); each row also has the epoch's floor
+    (`epoch_floor`, None without a device/server split)."""
     table = []
     devices = [u for u in range(cfg.num_nodes) if u != cfg.split.server]
     for split in candidate_splits(cfg, profile.partitions):
         for m in candidate_micro(cfg):
-            sim = simulate_config(cfg, profile, split, m, epoch_steps)
-            dev_idle = statistics.fmean(sim.idle[uid_to_client(u)] for u in devices) if devices else 0.0
-            table.append({"split": split, "micro_batches": m, "epoch_seconds": sim.seconds,
-                          "device_idle_seconds": dev_idle,
-                          "floor_seconds": epoch_floor(cfg, profile, split, m, epoch_steps)})
-    best = min(table, key=lambda r: (round(r["epoch_seconds"], 9), r["micro_batches"]))
-    return Choice(best["split"], best["micro_batches"], table)
+            for sizing in candidate_sizings(cfg, m):
+                sim = simulate_config(cfg, profile, split, m, epoch_steps, sizing)
+                dev_idle = statistics.fmean(sim.idle[uid_to_client(u)] for u in devices) if devices else 0.0
+                table.append({"split": split, "micro_batches": m, "micro_sizes": sizing, "epoch_seconds": sim.seconds,
+                              "device_idle_seconds": dev_idle,
+                              "floor_seconds": epoch_floor(cfg, profile, split, m, epoch_steps, sizing)})
+    best = min(table, key=lambda r: (round(r["epoch_seconds"], 9), r["micro_batches"], r["micro_sizes"] != "even"))
+    return Choice(best["split"], best["micro_batches"], best["micro_sizes"], table)
 
 
 def resolve_auto(cfg, dataset=None) -> Choice:
-    """Profile the run and write the planner's choice into ``cfg.split`` (``split`` and
-    ``micro_batches`` that were ``auto``)."""
+    """Profile the run and write the planner's choice into ``cfg.split`` (``split``,
+    ``micro_batches`` and ``micro_sizes`` that were ``auto``)."""
     from .split import steps_per_epoch
 
     profile = profile_run(cfg, dataset)
@@ -621,8 +643,11 @@ def resolve_auto(cfg, dataset=None) -> Choice:
         sp.split = choice.split
     if sp.micro_batches == "auto":
         sp.micro_batches = choice.micro_batches
+    if sp.micro_sizes == "auto":
+        sp.micro_sizes = choice.micro_sizes
     best = min(r["epoch_seconds"] for r in choice.table)
-    line = (f"split profiler: split {sp.split}, micro_batches {sp.micro_batches} (simulated epoch {best:.2f} s of "
+    line = (f"split profiler: split {sp.split}, micro_batches {sp.micro_batches}, micro_sizes {sp.micro_sizes} "
+            f"(simulated epoch {best:.2f} s of "
             f"{len(choice.table)} candidates; dflsplit profile CONFIG prints the table)")
     log.info("%s", line)
     print(f"dflsplit: {line}", file=sys.stderr, flush=True)

@@ -26,6 +26,11 @@ Rows:
   alone, the links through their limiters); the ceiling is the measured M=1 epoch over
   M=4's floor: the most pipelining can gain here, which no executor passes; likewise the
   most the devices' idle time can fall (M=4's floor less their busy time in the M=4 run).
+* ``ceiling`` (only when asked: ``--rows ceiling``, about 10 minutes): for each VGG width
+  of ``--widths`` (a device's compute grows as the width squared, its bytes on the wire as
+  the width), splits 1 and 2: the measured M=1 epoch, M=4's floor with even and tapered
+  micro-batches from a profile of that width, the ceiling (their ratio) and the simulated
+  M=4 epoch: whether a heavier or lighter model would let M=4 reach 1.5x on this machine.
 * ``workers``: split 1, M=4 with one compute thread per node (``split.workers: 1``)
   against two, run one after the other: what the server's second worker gives.
 * ``sweep``: every split (-1, 1, 2) × M (1, 2, 4, 8, 16) with 1f1b, and a run with
@@ -47,7 +52,8 @@ Nothing samples the nodes while they run. The machine's other load is printed; o
 shared machine absolute times are noisy, the ratios come from runs minutes apart.
 Usage::
 
-    python eval/bench/pipeline.py [--rows links,pipeline,workers,sweep] [--width 32] [--samples 256] [--out FILE]
+    python eval/bench/pipeline.py [--rows links,pipeline,workers,sweep,ceiling] [--width 32] [--samples 256]
+                                  [--widths 24,32,48,64] [--out FILE]
 
 The table goes to eval/bench/results/pipeline.txt.
 """
@@ -174,14 +180,13 @@ def floor_lines(bench: Bench, split: int, one: dict, fours: dict) -> None:
     M=4's speed-up over the measured M=1."""
     from dflsplit.node.split_profile import epoch_floor, profile_run, step_floor, sync_floor
 
-    cfg = load_config(bench.path, ["split.micro_batches=auto", "split.micro_sizes=tapered"])
+    cfg = load_config(bench.path, ["split.micro_batches=auto", "split.micro_sizes=auto"])
     if bench.profile is None:
-        bench.profile = profile_run(cfg)  # measures the tapered sizes too
+        bench.profile = profile_run(cfg)  # every size of every sizing
     pr = bench.profile
     floors = {}
     for m, sizing, run in ((1, "even", one), *((4, sizing, run) for sizing, run in fours.items())):
-        cfg.split.micro_sizes = sizing
-        floors[(m, sizing)] = epoch = epoch_floor(cfg, pr, split, m, bench.steps)
+        floors[(m, sizing)] = epoch = epoch_floor(cfg, pr, split, m, bench.steps, sizing)
         step = step_floor(pr, split, m, 0, SERVER, devices=DEVICES, workers=cfg.split.workers, sizing=sizing)
         sync = sync_floor(pr, split, m, 0, sizing)
         name = f"M={m}" + (f" {sizing}" if m > 1 else "")
@@ -200,6 +205,31 @@ def floor_lines(bench: Bench, split: int, one: dict, fours: dict) -> None:
             f"schedule with these sizes could gain on this machine; this run's {speed:.2f}x is {speed / ceiling:.0%} "
             f"of it; device idle at most {idle_cut:.0%} lower (the floor less the devices' busy time in its run, "
             f"against M=1's idle)")
+
+
+def ceiling_row(widths: list[int], samples: int, lines: list[str]) -> None:
+    """For each VGG width (compute grows as its square, the bytes at a cut as the width):
+    the measured M=1 epoch at splits 1 and 2 against M=4's floor with even and tapered
+    micro-batches, from a profile of that width; and the simulated M=4 epochs."""
+    from dflsplit.node.split_profile import epoch_floor, profile_run, simulate_config
+
+    lines.append("ceiling: the VGG's width (compute per byte on the wire) against the most an exact M=4 schedule "
+                 "can gain over the measured M=1 (its floor), and the simulated M=4")
+    for width in widths:
+        bench = Bench(width, samples, [])
+        cfg = load_config(bench.path, ["split.micro_batches=auto", "split.micro_sizes=auto"])
+        profile = profile_run(cfg)
+        for split in (1, 2):
+            one = bench.run([f"split.split={split}", "split.micro_batches=1"])
+            parts = []
+            for sizing in ("even", "tapered"):
+                floor = epoch_floor(cfg, profile, split, 4, bench.steps, sizing)
+                sim = simulate_config(cfg, profile, split, 4, bench.steps, sizing).seconds
+                parts.append(f"{sizing} floor {floor:5.2f} s -> ceiling {one['epoch'] / floor:.2f}x, simulated "
+                             f"{sim:5.2f} s ({one['epoch'] / sim:.2f}x)")
+            lines.append(f"  width {width:>2} split {split}: M=1 measured {one['epoch']:5.2f} s; M=4 "
+                         + "; ".join(parts))
+            print(lines[-1], flush=True)
 
 
 def workers_row(bench: Bench) -> None:
@@ -254,6 +284,7 @@ def main() -> None:
     parser.add_argument("--rows", default="links,pipeline,workers,sweep")
     parser.add_argument("--width", type=int, default=32, help="channels of the VGG's first block")
     parser.add_argument("--samples", type=int, default=256, help="training samples per device (batch 32)")
+    parser.add_argument("--widths", default="24,32,48,64", help="the ceiling row's VGG widths")
     parser.add_argument("--out", default=str(ROOT / "eval" / "bench" / "results" / "pipeline.txt"))
     args = parser.parse_args()
     rows = args.rows.split(",")
@@ -272,6 +303,8 @@ def main() -> None:
         workers_row(bench)
     if "links" in rows:
         links(bench, four)
+    if "ceiling" in rows:
+        ceiling_row([int(w) for w in args.widths.split(",")], args.samples, lines)
     lines.append(f"# load average at the end {os.getloadavg()[0]:.1f}")
     text = "\n".join(lines) + "\n"
     print(text)
