@@ -274,6 +274,9 @@ class SplitConfig:
         "even", "how a batch is cut into micro-batches: even (torch.tensor_split's sizes) or tapered (falling "
                 "linearly to about 0.45x the first, same gradient: the last micro-batch's round trip, which "
                 "nothing hides, is short; for 4 or more micro-batches); auto: chosen by the profiler at launch")
+    chunk_bytes: int = key(
+        65536, "an activation or gradient larger than this goes in parts of about this many bytes (whole samples), "
+               "so a gradient queued behind it waits for one part, not the whole payload; 0: whole payloads", ge=0)
     schedule: str = key("gpipe", "pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b (at most "
                                  "pipeline-depth micro-batches in flight per partition)")
     order: Literal["relaxed", "strict"] = key(

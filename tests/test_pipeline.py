@@ -404,9 +404,43 @@ def test_simulated_uplink_lets_gradients_pass(monkeypatch):
     m = StageMapping(device_server_rows(2, 2, 3, 1), 3)
     plans = {c: SplitPlan(m, c, 4, sync="none", trainers=[1], schedule="gpipe") for c in (1, 2)}
     by_priority = simulate(PipelineSchedule(plans), linear_profile(links), steps=2).seconds
+    # 1f1b: in parts of one sample (1000 B) a gradient waits behind one part of an activation, not all of it
+    one_f = PipelineSchedule({c: SplitPlan(m, c, 4, sync="none", trainers=[1], schedule="1f1b") for c in (1, 2)})
+    whole = simulate(one_f, linear_profile(links), steps=2).seconds
+    assert simulate(one_f, linear_profile(links), steps=2, chunk_bytes=1000).seconds < whole
+    assert simulate(one_f, linear_profile(links), steps=2, chunk_bytes=2000).seconds == pytest.approx(whole)  # fits
     monkeypatch.setattr(sp, "SEND_PRIORITY", {})  # every payload alike: first in, first out
     in_order = simulate(PipelineSchedule(plans), linear_profile(links), steps=2).seconds
     assert by_priority < in_order
+
+
+def test_payloads_go_in_parts_of_whole_samples_and_come_back_whole():
+    from dflsplit.node.split import PartAssembler, payload_parts
+
+    x = torch.arange(11 * 6, dtype=torch.float32).reshape(11, 2, 3)  # 24 B a sample
+    assert payload_parts(x, 0) == [x] and payload_parts(x, x.nbytes)[0] is x
+    for chunk, count in ((100, 3), (48, 6), (24, 11), (1, 11)):
+        parts = payload_parts(x, chunk)
+        assert len(parts) == count and torch.equal(torch.cat(parts), x)
+        assert max(p.nbytes for p in parts) <= max(chunk, 24) * 1.5  # about the chunk, whole samples
+    parts = payload_parts(x, 48)
+    assembler = PartAssembler()
+    order = [3, 0, 5, 1, 4]
+    for n, i in enumerate(order):  # any order; nothing whole before the last part
+        assert assembler.add(("net_act", 0, 1, 2, 0), i, 6, parts[i], sent=10.0 + n, arrived=11.0 + n) is None
+    tok = ("net_act", 0, 1, 2, 0)
+    with pytest.raises(ValueError, match="part 1 of 6 arrived twice"):
+        assembler.add(tok, 1, 6, parts[1], 0.0, 0.0)
+    with pytest.raises(ValueError, match="part 2 of 5: the payload's other parts came as parts of 6"):
+        assembler.add(tok, 2, 5, parts[2], 0.0, 0.0)
+    with pytest.raises(ValueError, match="part 6 of 6: expected 0 <= part < count"):
+        assembler.add(tok, 6, 6, parts[2], 0.0, 0.0)
+    with pytest.raises(ValueError, match="part 2 of 6: a shape unlike"):
+        assembler.add(tok, 2, 6, parts[2].reshape(2, 3, 2), 0.0, 0.0)
+    assert len(assembler) == 1
+    whole, seconds = assembler.add(tok, 2, 6, parts[2], sent=9.0, arrived=12.0)
+    assert torch.equal(whole, x) and seconds == pytest.approx(15.0 - 9.0)  # first sent .. last arrived
+    assert len(assembler) == 0
 
 
 THREADED = {"run": {"procs_per_machine": 2, "threads_per_proc": 2, "rounds": 1, "progress": False},

@@ -423,13 +423,21 @@ def test_pipelined_run_equals_unsplit_reference(tmp_path, base_port, schedule, m
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule,micro", [("1f1b", 4), ("gpipe", 8)])
-def test_tapered_micro_batches_equal_unsplit_reference(tmp_path, base_port, schedule, micro):
-    """Micro-batches of falling sizes (split.micro_sizes: tapered) train the same model."""
+@pytest.mark.parametrize("schedule,micro,chunk", [("1f1b", 4, 0), ("gpipe", 8, 0), ("1f1b", 4, 64)])
+def test_tapered_micro_batches_and_parts_equal_unsplit_reference(tmp_path, base_port, schedule, micro, chunk):
+    """Micro-batches of falling sizes (split.micro_sizes: tapered) train the same model; so do
+    activations and gradients sent in parts (split.chunk_bytes: 64, under a sample: a sample a part)."""
     cfg = split_config(tmp_path, base_port, EXAMPLE, f"split.micro_batches={micro}", f"split.schedule={schedule}",
-                       "split.micro_sizes=tapered")
-    run_experiment(cfg, tmp_path / "run")
+                       "split.micro_sizes=tapered", f"split.chunk_bytes={chunk}", "split.trace=true")
+    summary = run_experiment(cfg, tmp_path / "run")
     assert_matches_reference(cfg, tmp_path / "run", 20)
+    moved = [e["name"] for u in range(5) for e in json.loads(  # what the uplinks carried and what arrived
+        (tmp_path / "run" / "machine_0" / f"trace_{u}.json").read_text())["traceEvents"]
+        if e["ph"] == "X" and e["name"].startswith("split/x/")]
+    in_parts = [k for k in moved if len(k.split("/")) == 9]  # split/x/kind/t/o/p/m/part/count
+    assert bool(in_parts) == bool(chunk) and len(moved) > 100
+    with open(Path(summary["machine_dir"]) / "results.csv") as f:
+        assert [int(r["held_end"]) for r in csv.DictReader(f)] == [0] * 5  # no payload left in parts
 
 
 @pytest.mark.slow

@@ -107,6 +107,49 @@ RESULT_COLUMNS = (
 )
 
 
+def payload_parts(value: torch.Tensor, chunk_bytes: int) -> list[torch.Tensor]:
+    """`value` cut along its first dimension (whole samples) into parts of about
+    `chunk_bytes` bytes (one sample each where a sample is larger); itself alone when
+    `chunk_bytes` is 0 or it fits."""
+    size = value.numel() * value.element_size()
+    if not chunk_bytes or size <= chunk_bytes or value.ndim == 0 or value.shape[0] < 2:
+        return [value]
+    return list(torch.tensor_split(value, min(value.shape[0], -(-size // chunk_bytes))))
+
+
+class PartAssembler:
+    """Puts payloads sent in parts (`payload_parts`) back together: part `i` of `k` of a
+    token, in any order; the whole tensor (the parts concatenated in order) once all `k`
+    arrived, with its transfer time (the first part sent to the last one arrived). A part
+    that contradicts the token's others (another count, one already here, another feature
+    shape) is refused with ValueError and changes nothing."""
+
+    def __init__(self):
+        self._pending: dict[Token, tuple[int, dict[int, torch.Tensor], list[float]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, tok: Token, i: int, k: int, x: torch.Tensor, sent: float,
+            arrived: float) -> Optional[tuple[torch.Tensor, float]]:
+        if not 0 <= i < k:
+            raise ValueError(f"part {i} of {k}: expected 0 <= part < count")
+        count, parts, times = self._pending.get(tok, (k, {}, [sent, arrived]))
+        if count != k:
+            raise ValueError(f"part {i} of {k}: the payload's other parts came as parts of {count}")
+        if i in parts:
+            raise ValueError(f"part {i} of {k} arrived twice")
+        if parts and tuple(x.shape[1:]) != tuple(next(iter(parts.values())).shape[1:]):
+            raise ValueError(f"part {i} of {k}: a shape unlike the payload's other parts")
+        parts[i] = x
+        times[0], times[1] = min(times[0], sent), max(times[1], arrived)
+        if len(parts) < k:
+            self._pending[tok] = (count, parts, times)
+            return None
+        self._pending.pop(tok, None)
+        return torch.cat([parts[j] for j in range(k)]), max(0.0, times[1] - times[0])
+
+
 class SplitError(RuntimeError):
     """A split-learning run cannot go on; the message says which node and why."""
 
@@ -439,6 +482,7 @@ class SplitNode(Node):
         self.last_test: dict[str, float] = {}
         self.sender: Optional[Sender] = None
         self.arrivals: "queue.Queue[tuple]" = queue.Queue()
+        self.parts = PartAssembler()  # payloads arriving in parts (split.chunk_bytes), on the receiving thread
         self._stop = threading.Event()
         self._receiver: Optional[threading.Thread] = None
         self._download = 0.0
@@ -634,12 +678,16 @@ class SplitNode(Node):
         return out
 
     def holdings(self, suffix: str = "") -> dict[str, int]:
-        """What this node still holds: payloads of its own steps (inbox, outbox, saved
-        activations, shares; 0 after a round), messages in the transport's mailbox (peers'
-        early messages of the next round or the evaluation may be there during a run) and
-        bytes in the transport's spool (torrents kept for retention_rounds)."""
-        return {("held" + suffix if suffix else "held_payloads"):
-                len(self.inbox) + len(self.outbox) + len(self.saved) + len(self.shares),
+        """What this node still holds: payloads of the steps it ran (inbox, outbox, saved
+        activations, shares; 0 after a round: a peer's early payloads of the next round may
+        be here, and are not counted; at the end of the run every payload, with those still
+        in parts), messages in the transport's mailbox (peers' early messages of the next
+        round or the evaluation may be there during a run) and bytes in the transport's
+        spool (torrents kept for retention_rounds)."""
+        upto = math.inf if suffix else self.first_step + self.steps_per_round
+        held = (sum(k[1] < upto for k in (*self.inbox, *self.outbox))  # (kind, step, ...)
+                + sum(k[0] < upto for k in (*self.saved, *self.shares)))  # (step, ...)
+        return {("held" + suffix if suffix else "held_payloads"): held + (len(self.parts) if suffix else 0),
                 ("mailbox" + suffix if suffix else "mailbox_messages"): len(getattr(self.transport, "mailbox", ())),
                 ("spool" + suffix + "_bytes" if suffix else "spool_bytes"):
                 _folder_bytes(getattr(self.transport, "spool", None))}
@@ -713,10 +761,15 @@ class SplitNode(Node):
             self._hand_on(("grad", t, o, p - 1, m), g, self.stages.runner(o, p - 1))
 
     def _send(self, a: Action) -> None:
+        """An activation or gradient to its peer; in parts over ``split.chunk_bytes`` (keys
+        ending in /part/count), each queued with the payload's priority."""
         tok = (a.what, a.step, a.owner, a.partition, a.micro)
-        value = self.outbox.pop(tok)
-        self.sender.publish(PREFIX + "/".join(map(str, tok)), {"x": value}, [client_to_uid(a.peer)],
-                            priority=Sender.GRADIENT if a.what == "grad" else Sender.ACTIVATION)
+        key = PREFIX + "/".join(map(str, tok))
+        priority = Sender.GRADIENT if a.what == "grad" else Sender.ACTIVATION
+        parts = payload_parts(self.outbox.pop(tok), self.cfg.split.chunk_bytes)
+        for i, part in enumerate(parts):
+            self.sender.publish(key if len(parts) == 1 else f"{key}/{i}/{len(parts)}", {"x": part},
+                                [client_to_uid(a.peer)], priority=priority)
 
     def _recv(self, a: Action) -> None:
         tok = (a.what, a.step, a.owner, a.partition, a.micro)
@@ -800,17 +853,22 @@ class SplitNode(Node):
                     self.arrivals.put(("error", e))
                 return
             arrived = time.time()
+            sent = msg.header.get("sent")
+            stamped = isinstance(sent, (int, float)) and not isinstance(sent, bool)
+            sent = min(sent, arrived) if stamped else arrived
             try:
-                tok, payload = self._accept(msg)
+                tok, payload, part = self._accept(msg)
+                if part is not None:
+                    whole = self.parts.add(tok, *part, payload, sent, arrived)
             except (ValueError, PayloadMismatch) as e:
                 self.log.warning("node %d: dropped %r from node %d: %s", self.uid, msg.key, msg.sender, e)
                 continue
-            sent = msg.header.get("sent")
-            stamped = isinstance(sent, (int, float)) and not isinstance(sent, bool)
-            latency = arrived - sent if stamped else 0.0
             if self.timeline is not None and stamped:
-                self.timeline.span("arrivals", msg.key, min(sent, arrived), arrived, sender=msg.sender)
-            self.arrivals.put((tok, payload, max(0.0, latency)))
+                self.timeline.span("arrivals", msg.key, sent, arrived, sender=msg.sender)
+            if part is None:
+                self.arrivals.put((tok, payload, arrived - sent))
+            elif whole is not None:
+                self.arrivals.put((tok, *whole))
 
     def _take_arrivals(self, deadline: Optional[float]) -> bool:
         """Make the arrived messages' tokens available, and the outputs of what the workers
@@ -846,8 +904,9 @@ class SplitNode(Node):
             self.queue.produce(tok)
             got = True
 
-    def _accept(self, msg) -> tuple[Token, Any]:
-        """Check a message against the schedule (right sender, step, shapes); (token, payload)."""
+    def _accept(self, msg) -> tuple[Token, Any, Optional[tuple[int, int]]]:
+        """Check a message against the schedule (right sender, step, shapes); (token,
+        payload, None), or (token, its part, (part, count)) for a part of one."""
         fields = msg.key[len(PREFIX):].split("/")
         kind, nums = fields[0], fields[1:]
         try:
@@ -859,8 +918,12 @@ class SplitNode(Node):
         if not ints or not self.first_step <= ints[0] < total:
             raise ValueError(f"step outside {self.first_step}..{total - 1}")
         m, P = self.stages, self.P
-        if kind in ("act", "grad") and len(ints) == 4:
-            t, o, p, mb = ints
+        if kind in ("act", "grad") and len(ints) in (4, 6):
+            t, o, p, mb = ints[:4]
+            part = ints[4:] or None
+            if part is not None and not 0 <= part[0] < part[1] <= self.cfg.training.batch_size:
+                raise ValueError(f"part {part[0]} of {part[1]}: expected 0 <= part < count <= the batch size "
+                                 f"{self.cfg.training.batch_size}")
             lo, hi = (2, P) if kind == "act" else (1, P - 1)
             if not (1 <= o <= m.num_clients and lo <= p <= hi and 0 <= mb < self.plan.M):
                 raise ValueError("owner, partition or micro-batch out of range")
@@ -873,7 +936,7 @@ class SplitNode(Node):
                     or x.ndim != len(shape) + 1):
                 raise ValueError(f"expected one tensor 'x' of shape (batch, {', '.join(map(str, shape))}) "
                                  f"and dtype {self.dtype}")
-            return (f"net_{kind}", *ints), x
+            return (f"net_{kind}", t, o, p, mb), x, part
         if kind == "sync" and len(ints) == 3:
             t, p, r = ints
             if r != sender or r not in self.plan.partners.get(p, ()):
@@ -882,13 +945,13 @@ class SplitNode(Node):
             n = msg.header.get("samples")
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ValueError("header 'samples' must be an integer >= 0")
-            return (kind, *ints), ({k: v.to(self.device) for k, v in msg.tensors.items()}, n)
+            return (kind, *ints), ({k: v.to(self.device) for k, v in msg.tensors.items()}, n), None
         if kind == "avg" and len(ints) == 2:
             t, p = ints
             if sender != self.plan.hub or not self.plan.star(p) or self.client == self.plan.hub:
                 raise ValueError(f"client {sender} is not the hub that averages partition {p} for client {self.client}")
             check_payload(msg, self.sync_expect[p])
-            return (kind, *ints), {k: v.to(self.device) for k, v in msg.tensors.items()}
+            return (kind, *ints), {k: v.to(self.device) for k, v in msg.tensors.items()}, None
         raise ValueError("unknown kind of split message")
 
     def _blocked_report(self) -> str:

@@ -328,6 +328,18 @@ def _duration(profile: Profile, sizes: list[int], a, uid: int) -> float:
     return 0.0
 
 
+def _parts(token, n: int, sizes: list[int], chunk_bytes: int) -> list[float]:
+    """The bytes of each part a payload of `n` bytes goes in (`split.payload_parts`'s cut)."""
+    if token[0] not in ("net_act", "net_grad") or not chunk_bytes or n <= chunk_bytes:
+        return [n]
+    rows = sizes[token[4]]
+    if rows < 2:
+        return [n]
+    k = min(rows, -(-n // chunk_bytes))
+    q, r = divmod(rows, k)
+    return [n / rows * (q + (i < r)) for i in range(k)]
+
+
 def _payload_bytes(profile: Profile, token, sizes: list[int]) -> int:
     kind = token[0]
     if kind in ("net_act", "net_grad"):
@@ -344,10 +356,12 @@ SEND_PRIORITY = {"net_grad": 0, "net_act": 1}
 
 
 def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: int = 1,
-             sizing: str = "even") -> Simulated:
+             sizing: str = "even", chunk_bytes: int = 0) -> Simulated:
     """Run `steps` steps of `schedule` in time with `profile`'s durations and links, each
     client with the compute threads it takes of `workers` (``split.workers``; see the
-    module docstring), micro-batches cut by `sizing` (``split.micro_sizes``)."""
+    module docstring), micro-batches cut by `sizing` (``split.micro_sizes``), activations
+    and gradients sent in parts of `chunk_bytes` (``split.chunk_bytes``; 0: whole): a
+    payload arrives with its last part."""
     plans = schedule.plans
     clients = sorted(plans)
     uid = {c: client_to_uid(c) for c in clients}
@@ -421,9 +435,12 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: 
                 if dest == c:
                     queues[c].produce(tok)
                     continue
-                n = _payload_bytes(profile, tok, micro_sizes(profile.batch, plans[c].M, sizing))
-                heapq.heappush(uplink[c], (SEND_PRIORITY.get(tok[0], 2), seq, dest, tok, n))
-                seq += 1
+                sizes = micro_sizes(profile.batch, plans[c].M, sizing)
+                parts = _parts(tok, _payload_bytes(profile, tok, sizes), sizes, chunk_bytes)
+                for i, n in enumerate(parts):  # the token travels with its last part
+                    heapq.heappush(uplink[c], (SEND_PRIORITY.get(tok[0], 2), seq, dest,
+                                               tok if i == len(parts) - 1 else None, n))
+                    seq += 1
                 send_next(c)
         elif kind == "uplinked":
             c, dest, tok, n = data
@@ -431,8 +448,9 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: 
             send_next(c)
             start = max(now, down_free[dest])
             down_free[dest] = start + n / rate(dest, "down")
-            heapq.heappush(events, (down_free[dest], seq, "arrived", (dest, tok)))
-            seq += 1
+            if tok is not None:
+                heapq.heappush(events, (down_free[dest], seq, "arrived", (dest, tok)))
+                seq += 1
         else:
             dest, tok = data
             queues[dest].produce(tok)
@@ -569,7 +587,7 @@ def simulate_config(cfg, profile: Profile, split: Optional[int], micro: int, epo
     period = _period(trial, epoch_steps)
     steps = min(epoch_steps, MAX_SIMULATED_STEPS)
     sim = simulate(build_schedule(trial, stages, period), profile, steps, trial.split.workers,
-                   _sizing(cfg, sizing))
+                   _sizing(cfg, sizing), trial.split.chunk_bytes)
     scale = epoch_steps / steps
     return Simulated(sim.seconds * scale, {c: v * scale for c, v in sim.busy.items()},
                      {c: v * scale for c, v in sim.idle.items()})

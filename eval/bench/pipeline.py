@@ -18,7 +18,9 @@ Rows:
   (payload bytes each device uploaded / the time its sender spent publishing them).
   Target: within ±10 % of the configured rate.
 * ``pipeline``: splits 1 and 2, M = 1 against M = 4 (schedule 1f1b, and gpipe beside it;
-  and 1f1b with ``split.micro_sizes: tapered``, micro-batches of 11, 9, 7 and 5 samples):
+  1f1b with ``split.micro_sizes: tapered``, micro-batches of 11, 9, 7 and 5 samples; and
+  1f1b with ``split.chunk_bytes: 0``, each activation and gradient in one piece instead of
+  parts of 64 KiB):
   the epoch's time and the devices' idle time. Targets: M=4 at least 1.5× faster, device
   idle at least 30 % lower. Beside them, each M's floor: the least time an epoch can take
   with any exact schedule (``split_profile.step_floor`` per step, ``sync_floor`` for the
@@ -156,11 +158,13 @@ def pipeline(bench: Bench, sweep: dict) -> dict:
         four = sweep.get((split, 4)) or bench.run([f"split.split={split}", "split.micro_batches=4"])
         gpipe = bench.run([f"split.split={split}", "split.micro_batches=4", "split.schedule=gpipe"])
         tapered = bench.run([f"split.split={split}", "split.micro_batches=4", "split.micro_sizes=tapered"])
+        whole = bench.run([f"split.split={split}", "split.micro_batches=4", "split.chunk_bytes=0"])
         lines.append(f"  split {split} ({where})")
         lines.append(f"    M=1            {fmt(one)}")
         lines.append(f"    M=4            {fmt(four)}")
         lines.append(f"    M=4 (gpipe)    {fmt(gpipe)}")
         lines.append(f"    M=4 (tapered)  {fmt(tapered)}  (micro-batches of 11, 9, 7, 5 samples)")
+        lines.append(f"    M=4 (whole)    {fmt(whole)}  (split.chunk_bytes 0: each payload in one piece)")
         for name, run in (("M=4", four), ("M=4 tapered", tapered)):
             speed = one["epoch"] / run["epoch"]
             idle = 1 - run["idle"] / one["idle"]
