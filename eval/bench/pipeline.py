@@ -28,11 +28,12 @@ Rows:
   alone, the links through their limiters); the ceiling is the measured M=1 epoch over
   M=4's floor: the most pipelining can gain here, which no executor passes; likewise the
   most the devices' idle time can fall (M=4's floor less their busy time in the M=4 run).
-* ``ceiling`` (only when asked: ``--rows ceiling``, about 10 minutes): for each VGG width
+* ``ceiling`` (only when asked: ``--rows ceiling``, about 15 minutes): for each VGG width
   of ``--widths`` (a device's compute grows as the width squared, its bytes on the wire as
   the width), splits 1 and 2: the measured M=1 epoch, M=4's floor with even and tapered
-  micro-batches from a profile of that width, the ceiling (their ratio) and the simulated
-  M=4 epoch: whether a heavier or lighter model would let M=4 reach 1.5x on this machine.
+  micro-batches from a profile of that width, the ceiling (their ratio), the simulated
+  M=4 epoch, and M=4 measured with tapered micro-batches: whether a heavier or lighter
+  model lets M=4 reach 1.5x on this machine.
 * ``workers``: split 1, M=4 with one compute thread per node (``split.workers: 1``)
   against two, run one after the other: what the server's second worker gives.
 * ``sweep``: every split (-1, 1, 2) × M (1, 2, 4, 8, 16) with 1f1b, and a run with
@@ -55,7 +56,7 @@ shared machine absolute times are noisy, the ratios come from runs minutes apart
 Usage::
 
     python eval/bench/pipeline.py [--rows links,pipeline,workers,sweep,ceiling] [--width 32] [--samples 256]
-                                  [--widths 24,32,48,64] [--out FILE]
+                                  [--widths 32,48,64] [--out FILE]
 
 The table goes to eval/bench/results/pipeline.txt.
 """
@@ -214,11 +215,12 @@ def floor_lines(bench: Bench, split: int, one: dict, fours: dict) -> None:
 def ceiling_row(widths: list[int], samples: int, lines: list[str]) -> None:
     """For each VGG width (compute grows as its square, the bytes at a cut as the width):
     the measured M=1 epoch at splits 1 and 2 against M=4's floor with even and tapered
-    micro-batches, from a profile of that width; and the simulated M=4 epochs."""
+    micro-batches, from a profile of that width, the simulated M=4 epochs, and the measured
+    M=4 epoch with tapered micro-batches."""
     from dflsplit.node.split_profile import epoch_floor, profile_run, simulate_config
 
     lines.append("ceiling: the VGG's width (compute per byte on the wire) against the most an exact M=4 schedule "
-                 "can gain over the measured M=1 (its floor), and the simulated M=4")
+                 "can gain over the measured M=1 (its floor), the simulated M=4, and M=4 measured (1f1b, tapered)")
     for width in widths:
         bench = Bench(width, samples, [])
         cfg = load_config(bench.path, ["split.micro_batches=auto", "split.micro_sizes=auto"])
@@ -231,8 +233,11 @@ def ceiling_row(widths: list[int], samples: int, lines: list[str]) -> None:
                 sim = simulate_config(cfg, profile, split, 4, bench.steps, sizing).seconds
                 parts.append(f"{sizing} floor {floor:5.2f} s -> ceiling {one['epoch'] / floor:.2f}x, simulated "
                              f"{sim:5.2f} s ({one['epoch'] / sim:.2f}x)")
+            four = bench.run([f"split.split={split}", "split.micro_batches=4", "split.micro_sizes=tapered"])
+            speed, idle = one["epoch"] / four["epoch"], 1 - four["idle"] / one["idle"]
             lines.append(f"  width {width:>2} split {split}: M=1 measured {one['epoch']:5.2f} s; M=4 "
-                         + "; ".join(parts))
+                         + "; ".join(parts) + f"; M=4 tapered measured {four['epoch']:5.2f} s: {speed:.2f}x "
+                         f"(target >= 1.5x: {'met' if speed >= 1.5 else 'NOT met'}), device idle {idle:.0%} lower")
             print(lines[-1], flush=True)
 
 
@@ -288,7 +293,7 @@ def main() -> None:
     parser.add_argument("--rows", default="links,pipeline,workers,sweep")
     parser.add_argument("--width", type=int, default=32, help="channels of the VGG's first block")
     parser.add_argument("--samples", type=int, default=256, help="training samples per device (batch 32)")
-    parser.add_argument("--widths", default="24,32,48,64", help="the ceiling row's VGG widths")
+    parser.add_argument("--widths", default="32,48,64", help="the ceiling row's VGG widths")
     parser.add_argument("--out", default=str(ROOT / "eval" / "bench" / "results" / "pipeline.txt"))
     args = parser.parse_args()
     rows = args.rows.split(",")
