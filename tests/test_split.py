@@ -660,6 +660,28 @@ def test_an_error_on_a_worker_fails_the_node_with_its_cause(tmp_path, base_port,
         run_experiment(cfg, tmp_path / "run")
 
 
+
+@pytest.mark.slow
+def test_a_gradient_of_the_wrong_shape_fails_its_receiver_naming_the_sender(tmp_path, base_port, monkeypatch):
+    """The server sends a gradient one sample longer than the activation it answers: the
+    device fails with both shapes and the sender, not inside autograd."""
+    from dflsplit.node.split import SplitNode
+
+    send = SplitNode._send
+
+    def longer(self, a):
+        tok = (a.what, a.step, a.owner, a.partition, a.micro)
+        if self.uid == 4 and a.what == "grad" and a.step == 1 and a.owner == 2:
+            self.outbox[tok] = torch.cat([self.outbox[tok], self.outbox[tok][:1]])
+        return send(self, a)
+
+    monkeypatch.setattr(SplitNode, "_send", longer)  # forked node processes inherit it
+    cfg = device_server_config(tmp_path, base_port, "run.rounds=1", "communication.timeout=30")
+    with pytest.raises(RunFailed, match=r"^node 1 failed: SplitError: node 1: the gradient of backward 2_8 "
+                       r"\(step 1, micro-batch \d\) from client 5 \(node 4\) has shape \(9, 32\); "
+                       r"the activation sent for it had \(8, 32\)"):
+        run_experiment(cfg, tmp_path / "run")
+
 def test_timeline_in_epochs_follows_the_largest_shard():
     cfg = load_config(None, [
         "run.procs_per_machine=5", "dataset.name=digits", "dataset.partition=dirichlet", "dataset.alpha=0.3",

@@ -755,7 +755,12 @@ class SplitNode(Node):
         if p == self.P:
             out.backward()
         else:
-            out.backward(self.inbox.pop(("grad", t, o, p, m)))
+            grad = self.inbox.pop(("grad", t, o, p, m))
+            if grad.shape != out.shape:
+                sender = self._source(("net_grad", t, o, p, m)) or "this client"
+                raise SplitError(f"node {self.uid}: the gradient of {a.describe(self.P)} from {sender} has shape "
+                                 f"{tuple(grad.shape)}; the activation sent for it had {tuple(out.shape)}")
+            out.backward(grad)
         if p > 1:
             g = x.grad if x.grad is not None else torch.zeros_like(x)
             self._hand_on(("grad", t, o, p - 1, m), g, self.stages.runner(o, p - 1))
@@ -936,6 +941,8 @@ class SplitNode(Node):
                     or x.ndim != len(shape) + 1):
                 raise ValueError(f"expected one tensor 'x' of shape (batch, {', '.join(map(str, shape))}) "
                                  f"and dtype {self.dtype}")
+            if not 1 <= x.shape[0] <= self.cfg.training.batch_size:
+                raise ValueError(f"{x.shape[0]} samples: expected 1 to the batch size {self.cfg.training.batch_size}")
             return (f"net_{kind}", t, o, p, mb), x, part
         if kind == "sync" and len(ints) == 3:
             t, p, r = ints
