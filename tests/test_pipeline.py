@@ -15,7 +15,8 @@ from dflsplit.cli_profile import profile_main
 from dflsplit.cli_stages import stages_main
 from dflsplit.mappings.stages import StageMapping, device_server_rows
 from dflsplit.node.split_profile import (
-    Link, Profile, choose, epoch_floor, plan_offloading, simulate, step_floor, sync_floor,
+    Link, Profile, choose, cuts, epoch_floor, least_epoch_floor, plan_offloading, simulate, simulate_config,
+    step_floor, sync_floor,
 )
 from dflsplit.node.split_schedule import TAPER_LAST, PipelineSchedule, SplitPlan, micro_sizes
 from dflsplit.training import BatchSampler
@@ -169,6 +170,31 @@ def test_micro_batch_sizes_even_and_tapered():
     with pytest.raises(ValueError, match="sizing 'uneven': expected one of even, tapered"):
         micro_sizes(32, 4, "uneven")
 
+    assert micro_sizes(32, 4, (13, 10, 8, 1)) == [13, 10, 8, 1]
+    for sizes, why in (((13, 10, 9), "expected 4 sizes"), ((13, 10, 8, 2), "summing to the batch 32"),
+                       ((22, 10, 0, 0), ">= 1")):
+        with pytest.raises(ValueError, match=f"micro-batch sizes .*{why}"):
+            micro_sizes(32, 4, sizes)
+
+
+def test_the_least_floor_over_every_cut_of_the_batch_bounds_every_cut(tmp_path):
+    """`cuts` against every ordered way to cut a batch; `least_epoch_floor` (one cut per
+    multiset) against the floor of every ordered cut: the order does not change a floor;
+    and the simulated epoch of the least cut, of even and of tapered stays above it."""
+    for batch, micro in itertools.product((1, 4, 7, 12), (1, 2, 3, 4)):
+        ordered = [c for c in itertools.product(range(1, batch + 1), repeat=micro) if sum(c) == batch]
+        assert sorted(cuts(batch, micro)) == sorted({tuple(sorted(c, reverse=True)) for c in ordered})
+    cfg = load_config(pipar_config(tmp_path, micro_batches=3, aggregation_frequency=1))
+    links = {u: Link(1, 1, 2e4, 5e4) for u in range(4)} | {4: Link(0, 0, UNLIMITED, UNLIMITED)}
+    profile = linear_profile(links, P=4, batch=8)
+    for split in (1, 2):
+        least, sizes = least_epoch_floor(cfg, profile, split, 3, 2)
+        every = {c: epoch_floor(cfg, profile, split, 3, 2, c)
+                 for c in itertools.product(range(1, 7), repeat=3) if sum(c) == 8}
+        assert least == pytest.approx(min(every.values())) and every[sizes] == least
+        assert least < max(every.values())  # the cut matters
+        for sizing in (sizes, "even", "tapered"):
+            assert simulate_config(cfg, profile, split, 3, 2, sizing).seconds >= least * (1 - 1e-9)
 
 def test_tapered_micro_batches_shorten_an_uplink_bound_step_and_stay_above_its_floor():
     """Four devices whose uplink carries most of a step: with 4 or 8 micro-batches, the last

@@ -356,7 +356,7 @@ SEND_PRIORITY = {"net_grad": 0, "net_act": 1}
 
 
 def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: int = 1,
-             sizing: str = "even", chunk_bytes: int = 0) -> Simulated:
+             sizing: str | Sequence[int] = "even", chunk_bytes: int = 0) -> Simulated:
     """Run `steps` steps of `schedule` in time with `profile`'s durations and links, each
     client with the compute threads it takes of `workers` (``split.workers``; see the
     module docstring), micro-batches cut by `sizing` (``split.micro_sizes``), activations
@@ -476,7 +476,7 @@ class StepFloor:
 
 
 def step_floor(profile: Profile, split: int, micro: int, device: int, server: int, devices: int = 1,
-               workers: int = 1, sizing: str = "even") -> StepFloor:
+               workers: int = 1, sizing: str | Sequence[int] = "even") -> StepFloor:
     """The least time a step of `device` (node uid) can take with `micro` micro-batches (cut
     by `sizing`, ``split.micro_sizes``) when
     it keeps partitions 1..`split` and the last, and `server` (node uid) the ones between
@@ -528,7 +528,7 @@ def step_floor(profile: Profile, split: int, micro: int, device: int, server: in
                      max(uplink, compute, server_floor, machine))
 
 
-def sync_floor(profile: Profile, split: int, micro: int, device: int, sizing: str = "even") -> float:
+def sync_floor(profile: Profile, split: int, micro: int, device: int, sizing: str | Sequence[int] = "even") -> float:
     """The least time an epoch's replica sync through the server (device/server mode's
     fedavg) adds after the epoch's last step floor (`step_floor`), for a device that keeps
     partitions 1..`split` and the last. Partitions 1..`split` are final only in the step's
@@ -562,16 +562,16 @@ def layout_mapping(cfg, partitions: int, split: Optional[int]) -> StageMapping:
     return StageMapping(rows, partitions, strict_order=cfg.split.order == "strict")
 
 
-def _sizing(cfg, sizing: Optional[str]) -> str:
+def _sizing(cfg, sizing: Optional[str | Sequence[int]]) -> str | Sequence[int]:
     sizing = sizing or cfg.split.micro_sizes
-    if sizing not in MICRO_SIZINGS:
+    if isinstance(sizing, str) and sizing not in MICRO_SIZINGS:
         raise ValueError(f"micro-batch sizing {sizing!r}: expected one of {', '.join(MICRO_SIZINGS)} (auto is "
                          f"resolved by the planner)")
     return sizing
 
 
 def simulate_config(cfg, profile: Profile, split: Optional[int], micro: int, epoch_steps: int,
-                    sizing: Optional[str] = None) -> Simulated:
+                    sizing: Optional[str | Sequence[int]] = None) -> Simulated:
     """One epoch of the run with device/server `split` and `micro` micro-batches cut by
     `sizing` (default: the config's ``split.micro_sizes``); at most MAX_SIMULATED_STEPS
     steps simulated, scaled to the epoch."""
@@ -594,7 +594,7 @@ def simulate_config(cfg, profile: Profile, split: Optional[int], micro: int, epo
 
 
 def epoch_floor(cfg, profile: Profile, split: Optional[int], micro: int, epoch_steps: int,
-                sizing: Optional[str] = None) -> Optional[float]:
+                sizing: Optional[str | Sequence[int]] = None) -> Optional[float]:
     """The least time an epoch of the run can take with device/server `split` and `micro`
     micro-batches cut by `sizing` (default: the config's), for any exact schedule: the
     slowest device's `step_floor` for each step, plus `sync_floor` for each replica sync
@@ -612,6 +612,31 @@ def epoch_floor(cfg, profile: Profile, split: Optional[int], micro: int, epoch_s
     return max(epoch_steps * step_floor(profile, split, micro, u, server, len(devices), cfg.split.workers,
                                         sizing).seconds
                + syncs * sync_floor(profile, split, micro, u, sizing) for u in devices)
+
+
+def cuts(batch: int, micro: int) -> list[tuple[int, ...]]:
+    """Every way to cut `batch` samples into `micro` non-empty micro-batches, each multiset
+    of sizes once (largest first)."""
+    def falling(left: int, parts: int, most: int):
+        if parts == 1:
+            if 1 <= left <= most:
+                yield (left,)
+            return
+        for first in range(min(most, left - parts + 1), 0, -1):
+            if first * parts < left:
+                break
+            for rest in falling(left - first, parts - 1, first):
+                yield (first, *rest)
+    return list(falling(batch, micro, batch))
+
+
+def least_epoch_floor(cfg, profile: Profile, split: int, micro: int,
+                      epoch_steps: int) -> tuple[float, tuple[int, ...]]:
+    """The least `epoch_floor` of `micro` micro-batches over every cut of the batch (`cuts`;
+    a floor does not depend on the micro-batches' order), and that cut: no exact schedule
+    with `micro` micro-batches of any sizes finishes an epoch sooner."""
+    return min((epoch_floor(cfg, profile, split, micro, epoch_steps, sizes), sizes)
+               for sizes in cuts(profile.batch, micro))
 
 
 def _period(cfg, epoch_steps: int) -> int:

@@ -45,7 +45,7 @@ import heapq
 import itertools
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterable, Literal, Optional
+from typing import Callable, Collection, Iterable, Literal, Optional, Sequence
 
 from ..registry import Registry
 
@@ -60,12 +60,19 @@ MICRO_SIZINGS = ("even", "tapered")
 TAPER_LAST = 0.45
 
 
-def micro_sizes(batch: int, micro: int, sizing: str = "even") -> list[int]:
+def micro_sizes(batch: int, micro: int, sizing: str | Sequence[int] = "even") -> list[int]:
     """The sizes of the `micro` micro-batches a batch of `batch` samples is cut into, in
     order. ``even``: torch.tensor_split's (they differ by at most one). ``tapered``: falling
     linearly to about `TAPER_LAST` of the first (largest remainders rounded up, none empty
     while `batch` >= `micro`), so the last micro-batch's round trip, which nothing else
-    hides in an exact step, is short; the batch's gradient is the same."""
+    hides in an exact step, is short; the batch's gradient is the same. `sizing` may also
+    be the sizes themselves (`micro` of them, each >= 1, summing to `batch`): the
+    profiler's floors take any cut."""
+    if not isinstance(sizing, str):
+        sizes = [int(s) for s in sizing]
+        if len(sizes) != micro or sum(sizes) != batch or min(sizes, default=0) < 1:
+            raise ValueError(f"micro-batch sizes {sizes}: expected {micro} sizes >= 1 summing to the batch {batch}")
+        return sizes
     if sizing not in MICRO_SIZINGS:
         raise ValueError(f"micro-batch sizing {sizing!r}: expected one of {', '.join(MICRO_SIZINGS)}")
     if sizing == "even" or micro == 1 or batch < micro:

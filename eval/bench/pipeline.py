@@ -28,12 +28,14 @@ Rows:
   alone, the links through their limiters); the ceiling is the measured M=1 epoch over
   M=4's floor: the most pipelining can gain here, which no executor passes; likewise the
   most the devices' idle time can fall (M=4's floor less their busy time in the M=4 run).
+  The last ceiling takes M=4's least floor over every cut of the batch into 4
+  (``split_profile.least_epoch_floor``): no exact M=4 schedule, whatever its sizes, passes it.
 * ``ceiling`` (only when asked: ``--rows ceiling``, about 15 minutes): for each VGG width
   of ``--widths`` (a device's compute grows as the width squared, its bytes on the wire as
   the width), splits 1 and 2: the measured M=1 epoch, M=4's floor with even and tapered
-  micro-batches from a profile of that width, the ceiling (their ratio), the simulated
-  M=4 epoch, and M=4 measured with tapered micro-batches: whether a heavier or lighter
-  model lets M=4 reach 1.5x on this machine.
+  micro-batches and the least over every cut, from a profile of that width, the ceilings
+  (their ratios), the simulated M=4 epoch, and M=4 measured with tapered micro-batches:
+  whether a heavier or lighter model lets M=4 reach 1.5x on this machine.
 * ``workers``: split 1, M=4 with one compute thread per node (``split.workers: 1``)
   against two, run one after the other: what the server's second worker gives.
 * ``sweep``: every split (-1, 1, 2) × M (1, 2, 4, 8, 16) with 1f1b, and a run with
@@ -183,7 +185,7 @@ def floor_lines(bench: Bench, split: int, one: dict, fours: dict) -> None:
     (`split_profile.step_floor` for each step, then `sync_floor`), from the profiler's
     measurements of this machine, against the measured epochs; and the ceiling it puts on
     M=4's speed-up over the measured M=1."""
-    from dflsplit.node.split_profile import epoch_floor, profile_run, step_floor, sync_floor
+    from dflsplit.node.split_profile import epoch_floor, least_epoch_floor, profile_run, step_floor, sync_floor
 
     cfg = load_config(bench.path, ["split.micro_batches=auto", "split.micro_sizes=auto"])
     if bench.profile is None:
@@ -210,6 +212,11 @@ def floor_lines(bench: Bench, split: int, one: dict, fours: dict) -> None:
             f"schedule with these sizes could gain on this machine; this run's {speed:.2f}x is {speed / ceiling:.0%} "
             f"of it; device idle at most {idle_cut:.0%} lower (the floor less the devices' busy time in its run, "
             f"against M=1's idle)")
+    least, sizes = least_epoch_floor(cfg, pr, split, 4, bench.steps)
+    bench.lines.append(
+        f"    ceiling M=4, any sizes: the least floor over every cut of the batch into 4 is {least:.2f} s (cut "
+        f"{', '.join(map(str, sizes))}): measured M=1 epoch / it = {one['epoch'] / least:.2f}x, the most any exact "
+        f"M=4 schedule could gain on this machine")
 
 
 def ceiling_row(widths: list[int], samples: int, lines: list[str]) -> None:
@@ -217,7 +224,7 @@ def ceiling_row(widths: list[int], samples: int, lines: list[str]) -> None:
     the measured M=1 epoch at splits 1 and 2 against M=4's floor with even and tapered
     micro-batches, from a profile of that width, the simulated M=4 epochs, and the measured
     M=4 epoch with tapered micro-batches."""
-    from dflsplit.node.split_profile import epoch_floor, profile_run, simulate_config
+    from dflsplit.node.split_profile import epoch_floor, least_epoch_floor, profile_run, simulate_config
 
     lines.append("ceiling: the VGG's width (compute per byte on the wire) against the most an exact M=4 schedule "
                  "can gain over the measured M=1 (its floor), the simulated M=4, and M=4 measured (1f1b, tapered)")
@@ -233,6 +240,9 @@ def ceiling_row(widths: list[int], samples: int, lines: list[str]) -> None:
                 sim = simulate_config(cfg, profile, split, 4, bench.steps, sizing).seconds
                 parts.append(f"{sizing} floor {floor:5.2f} s -> ceiling {one['epoch'] / floor:.2f}x, simulated "
                              f"{sim:5.2f} s ({one['epoch'] / sim:.2f}x)")
+            least, sizes = least_epoch_floor(cfg, profile, split, 4, bench.steps)
+            parts.append(f"any sizes: floor {least:5.2f} s (cut {', '.join(map(str, sizes))}) -> ceiling "
+                         f"{one['epoch'] / least:.2f}x")
             four = bench.run([f"split.split={split}", "split.micro_batches=4", "split.micro_sizes=tapered"])
             speed, idle = one["epoch"] / four["epoch"], 1 - four["idle"] / one["idle"]
             lines.append(f"  width {width:>2} split {split}: M=1 measured {one['epoch']:5.2f} s; M=4 "
