@@ -311,6 +311,12 @@ def _stop_node(signum, frame):
     raise NodeStopped(f"stopped by signal {signum}")
 
 
+def _exit_now(signum, frame):
+    """SIGTERM once a node process is ending: exit at once, with no traceback out of
+    whatever cleanup it interrupted (its outcome is already reported)."""
+    os._exit(3)
+
+
 _THREAD_UID = re.compile(r"-(\d+)(?:_\d+)?$")
 
 
@@ -410,6 +416,7 @@ def _child(cfg: Config, uids: list[int], run_dir: Path, mapping, prepared, event
             h.flush()
         os._exit(3)
     finally:
+        signal.signal(signal.SIGTERM, _exit_now)
         shared.close()
         for h in handlers:
             h.flush()

@@ -513,6 +513,38 @@ def test_the_alert_thread_dying_fails_the_node_with_its_cause():
             ts[1].advance(1)
 
 
+def test_entering_a_round_while_another_thread_starts_the_plane_is_not_an_error():
+    """A lazy plane starting for an announcement (on the control thread) while the node
+    enters a round: the round's retirement has nothing to retire yet, so it is no error."""
+    import threading
+
+    with cluster(2, lazy_start=True) as ts:
+        plane = ts[1].plane
+        assert plane.session is None
+        listening, release = threading.Event(), threading.Event()
+        start_session = plane._start_session
+
+        def slow_start_session():
+            start_session()  # the session exists; the alert thread does not yet
+            listening.set()
+            assert release.wait(20)
+
+        plane._start_session = slow_start_session
+        starter = threading.Thread(target=plane.ensure_started)
+        starter.start()
+        try:
+            assert listening.wait(20)
+            ts[1].advance(1)  # was: CommError "retiring old torrents: the torrent data plane is not running"
+        finally:
+            release.set()
+            starter.join(20)
+        ts[0].advance(1)
+        ts[0].publish("model/1", {"w": payload(MB)}, to=[1])
+        assert torch.equal(ts[1].receive("model/1", 0).tensors["w"], payload(MB))
+        ts[1].advance(4)  # and retirement works once it runs
+        assert ts[1].progress("model/1", 0) is None
+
+
 def test_a_host_that_does_not_resolve_is_named_at_start():
     mapping = LinearMapping(2, 1, {0: "127.0.0.1", 1: "no-such-host.invalid"}, next_base_port(2))
     t = build_transport(0, mapping, config())

@@ -596,6 +596,13 @@ class DataPlane:
         return self.post(lambda: self._receiver.accept(ann, consumer), "torrent announcement handler")
 
     # retention ---------------------------------------------------------------------
+    def retire(self, member: "TorrentTransport", round_: int) -> None:
+        """`retire_before` on the alert thread; nothing to do while the plane has not finished
+        starting (another thread may be starting it for an announcement: it holds no torrent
+        of `member` older than now) or after it shut down."""
+        if self._started and self.session is not None:
+            self.call(lambda: self.retire_before(member, round_), "retiring old torrents")
+
     def retire_before(self, member: "TorrentTransport", round_: int) -> None:
         """Node `member` entered `round_`: let go of the torrents it published or received
         more than ``retention_rounds`` rounds ago (a received one once every node of the
@@ -833,8 +840,8 @@ class TorrentTransport(ZmqTransport):
     def advance(self, round_: int) -> None:
         """Enter `round_`: remove every torrent (and its file) older than `retention_rounds`."""
         super().advance(round_)
-        if self.plane is not None and self.plane.session is not None and not self._closed:
-            self.plane.call(lambda: self.plane.retire_before(self, round_), "retiring old torrents")
+        if self.plane is not None and not self._closed:
+            self.plane.retire(self, round_)
 
     # inspection ------------------------------------------------------------------
     def progress(self, key: str, sender: int) -> dict[str, Any] | None:
