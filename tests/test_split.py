@@ -682,6 +682,30 @@ def test_a_gradient_of_the_wrong_shape_fails_its_receiver_naming_the_sender(tmp_
                        r"the activation sent for it had \(8, 32\)"):
         run_experiment(cfg, tmp_path / "run")
 
+
+@pytest.mark.slow
+def test_an_activation_with_the_wrong_sample_count_fails_its_owner_naming_the_sender(tmp_path, base_port,
+                                                                                     monkeypatch):
+    """The server sends the device's head an activation one sample longer than the
+    micro-batch: the device fails naming the sender and both counts, not inside the loss."""
+    from dflsplit.node.split import SplitNode
+
+    send = SplitNode._send
+
+    def longer(self, a):
+        tok = (a.what, a.step, a.owner, a.partition, a.micro)
+        if self.uid == 4 and a.what == "act" and a.step == 1 and a.owner == 2:
+            self.outbox[tok] = torch.cat([self.outbox[tok], self.outbox[tok][:1]])
+        return send(self, a)
+
+    monkeypatch.setattr(SplitNode, "_send", longer)  # forked node processes inherit it
+    cfg = device_server_config(tmp_path, base_port, "run.rounds=1", "communication.timeout=30")
+    with pytest.raises(RunFailed, match=r"^node 1 failed: SplitError: node 1: the activation of forward \d_\d+ "
+                       r"\(step 1, micro-batch (\d)\) from client 5 \(node 4\) has 9 samples; "
+                       r"micro-batch \1 of step 1 has 8"):
+        run_experiment(cfg, tmp_path / "run")
+
+
 def test_timeline_in_epochs_follows_the_largest_shard():
     cfg = load_config(None, [
         "run.procs_per_machine=5", "dataset.name=digits", "dataset.partition=dirichlet", "dataset.alpha=0.3",

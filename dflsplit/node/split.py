@@ -745,6 +745,10 @@ class SplitNode(Node):
             self._hand_on(("act", t, o, p + 1, m), out.detach(), self.stages.runner(o, p + 1))
             return
         idx = self.batches[t][m]
+        if out.shape[0] != len(idx):
+            sender = self._source(("net_act", t, o, p, m)) or "this client"
+            raise SplitError(f"node {self.uid}: the activation of {a.describe(self.P)} from {sender} has "
+                             f"{x.shape[0]} samples; micro-batch {m} of step {t} has {len(idx)}")
         loss = nn.functional.cross_entropy(out, self.data.train_y[idx], reduction="sum") / self.batch_sizes[t]
         self.losses[t] += loss.item()
         self.saved[(t, o, p, m)] = (x, loss)
