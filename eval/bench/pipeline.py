@@ -30,11 +30,14 @@ Rows:
   most the devices' idle time can fall (M=4's floor less their busy time in the M=4 run).
   The last ceiling takes M=4's least floor over every cut of the batch into 4
   (``split_profile.least_epoch_floor``): no exact M=4 schedule, whatever its sizes, passes it.
+  Also printed: M=1's floor over M=4's (the speed-up if both ran at their floors) and
+  the simulator's M=1 over its M=4 (``split_profile.simulate_config``, the planner's model).
 * ``ceiling`` (only when asked: ``--rows ceiling``, about 15 minutes): for each VGG width
   of ``--widths`` (a device's compute grows as the width squared, its bytes on the wire as
   the width), splits 1 and 2: the measured M=1 epoch, M=4's floor with even and tapered
   micro-batches and the least over every cut, from a profile of that width, the ceilings
-  (their ratios), the simulated M=4 epoch, and M=4 measured with tapered micro-batches:
+  (their ratios), M=1's floor and simulated epoch with the ratios floor to floor and
+  simulation to simulation, the simulated M=4 epoch, and M=4 measured with tapered micro-batches:
   whether a heavier or lighter model lets M=4 reach 1.5x on this machine.
 * ``workers``: split 1, M=4 with one compute thread per node (``split.workers: 1``)
   against two, run one after the other: what the server's second worker gives.
@@ -185,7 +188,8 @@ def floor_lines(bench: Bench, split: int, one: dict, fours: dict) -> None:
     (`split_profile.step_floor` for each step, then `sync_floor`), from the profiler's
     measurements of this machine, against the measured epochs; and the ceiling it puts on
     M=4's speed-up over the measured M=1."""
-    from dflsplit.node.split_profile import epoch_floor, least_epoch_floor, profile_run, step_floor, sync_floor
+    from dflsplit.node.split_profile import (epoch_floor, least_epoch_floor, profile_run, simulate_config, step_floor,
+                                            sync_floor)
 
     cfg = load_config(bench.path, ["split.micro_batches=auto", "split.micro_sizes=auto"])
     if bench.profile is None:
@@ -203,6 +207,12 @@ def floor_lines(bench: Bench, split: int, one: dict, fours: dict) -> None:
             f"{step.last_round_trip:.3f}) + tail "
             f"{step.tail:.3f}; server {step.server:.3f}, cores {step.machine:.3f}), measured "
             f"{run['epoch'] / epoch - 1:+.0%} above it")
+    for sizing in fours:
+        sims = [simulate_config(cfg, pr, split, m, bench.steps, z).seconds for m, z in ((1, "even"), (4, sizing))]
+        bench.lines.append(
+            f"    M=4 {sizing} against M=1 with both at their floors (an executor that reaches every floor): "
+            f"{floors[(1, 'even')] / floors[(4, sizing)]:.2f}x; both simulated ({sims[0]:.2f} s, {sims[1]:.2f} s): "
+            f"{sims[0] / sims[1]:.2f}x")
     for sizing, four in fours.items():
         ceiling = one["epoch"] / floors[(4, sizing)]
         speed = one["epoch"] / four["epoch"]
@@ -234,18 +244,22 @@ def ceiling_row(widths: list[int], samples: int, lines: list[str]) -> None:
         profile = profile_run(cfg)
         for split in (1, 2):
             one = bench.run([f"split.split={split}", "split.micro_batches=1"])
+            floor1 = epoch_floor(cfg, profile, split, 1, bench.steps, "even")
+            sim1 = simulate_config(cfg, profile, split, 1, bench.steps, "even").seconds
             parts = []
             for sizing in ("even", "tapered"):
                 floor = epoch_floor(cfg, profile, split, 4, bench.steps, sizing)
                 sim = simulate_config(cfg, profile, split, 4, bench.steps, sizing).seconds
-                parts.append(f"{sizing} floor {floor:5.2f} s -> ceiling {one['epoch'] / floor:.2f}x, simulated "
-                             f"{sim:5.2f} s ({one['epoch'] / sim:.2f}x)")
+                parts.append(f"{sizing} floor {floor:5.2f} s -> ceiling {one['epoch'] / floor:.2f}x (floor to floor "
+                             f"{floor1 / floor:.2f}x), simulated {sim:5.2f} s ({one['epoch'] / sim:.2f}x; simulated "
+                             f"M=1 over it {sim1 / sim:.2f}x)")
             least, sizes = least_epoch_floor(cfg, profile, split, 4, bench.steps)
             parts.append(f"any sizes: floor {least:5.2f} s (cut {', '.join(map(str, sizes))}) -> ceiling "
                          f"{one['epoch'] / least:.2f}x")
             four = bench.run([f"split.split={split}", "split.micro_batches=4", "split.micro_sizes=tapered"])
             speed, idle = one["epoch"] / four["epoch"], 1 - four["idle"] / one["idle"]
-            lines.append(f"  width {width:>2} split {split}: M=1 measured {one['epoch']:5.2f} s; M=4 "
+            lines.append(f"  width {width:>2} split {split}: M=1 measured {one['epoch']:5.2f} s (floor "
+                         f"{floor1:5.2f} s, simulated {sim1:5.2f} s); M=4 "
                          + "; ".join(parts) + f"; M=4 tapered measured {four['epoch']:5.2f} s: {speed:.2f}x "
                          f"(target >= 1.5x: {'met' if speed >= 1.5 else 'NOT met'}), device idle {idle:.0%} lower")
             print(lines[-1], flush=True)
