@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -516,8 +517,6 @@ def test_the_alert_thread_dying_fails_the_node_with_its_cause():
 def test_entering_a_round_while_another_thread_starts_the_plane_is_not_an_error():
     """A lazy plane starting for an announcement (on the control thread) while the node
     enters a round: the round's retirement has nothing to retire yet, so it is no error."""
-    import threading
-
     with cluster(2, lazy_start=True) as ts:
         plane = ts[1].plane
         assert plane.session is None
