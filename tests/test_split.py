@@ -660,22 +660,27 @@ def test_an_error_on_a_worker_fails_the_node_with_its_cause(tmp_path, base_port,
         run_experiment(cfg, tmp_path / "run")
 
 
-
-@pytest.mark.slow
-def test_a_gradient_of_the_wrong_shape_fails_its_receiver_naming_the_sender(tmp_path, base_port, monkeypatch):
-    """The server sends a gradient one sample longer than the activation it answers: the
-    device fails with both shapes and the sender, not inside autograd."""
+def server_sends_one_sample_too_many(monkeypatch, what: str) -> None:
+    """The server (node 4) sends client 2's `what` ("act" or "grad") of step 1 with one
+    sample more than it computed (forked node processes inherit the patch)."""
     from dflsplit.node.split import SplitNode
 
     send = SplitNode._send
 
     def longer(self, a):
         tok = (a.what, a.step, a.owner, a.partition, a.micro)
-        if self.uid == 4 and a.what == "grad" and a.step == 1 and a.owner == 2:
+        if self.uid == 4 and a.what == what and a.step == 1 and a.owner == 2:
             self.outbox[tok] = torch.cat([self.outbox[tok], self.outbox[tok][:1]])
         return send(self, a)
 
-    monkeypatch.setattr(SplitNode, "_send", longer)  # forked node processes inherit it
+    monkeypatch.setattr(SplitNode, "_send", longer)
+
+
+@pytest.mark.slow
+def test_a_gradient_of_the_wrong_shape_fails_its_receiver_naming_the_sender(tmp_path, base_port, monkeypatch):
+    """The server sends a gradient one sample longer than the activation it answers: the
+    device fails with both shapes and the sender, not inside autograd."""
+    server_sends_one_sample_too_many(monkeypatch, "grad")
     cfg = device_server_config(tmp_path, base_port, "run.rounds=1", "communication.timeout=30")
     with pytest.raises(RunFailed, match=r"^node 1 failed: SplitError: node 1: the gradient of backward 2_8 "
                        r"\(step 1, micro-batch \d\) from client 5 \(node 4\) has shape \(9, 32\); "
@@ -688,17 +693,7 @@ def test_an_activation_with_the_wrong_sample_count_fails_its_owner_naming_the_se
                                                                                      monkeypatch):
     """The server sends the device's head an activation one sample longer than the
     micro-batch: the device fails naming the sender and both counts, not inside the loss."""
-    from dflsplit.node.split import SplitNode
-
-    send = SplitNode._send
-
-    def longer(self, a):
-        tok = (a.what, a.step, a.owner, a.partition, a.micro)
-        if self.uid == 4 and a.what == "act" and a.step == 1 and a.owner == 2:
-            self.outbox[tok] = torch.cat([self.outbox[tok], self.outbox[tok][:1]])
-        return send(self, a)
-
-    monkeypatch.setattr(SplitNode, "_send", longer)  # forked node processes inherit it
+    server_sends_one_sample_too_many(monkeypatch, "act")
     cfg = device_server_config(tmp_path, base_port, "run.rounds=1", "communication.timeout=30")
     with pytest.raises(RunFailed, match=r"^node 1 failed: SplitError: node 1: the activation of forward \d_\d+ "
                        r"\(step 1, micro-batch (\d)\) from client 5 \(node 4\) has 9 samples; "
