@@ -8,8 +8,9 @@ at each cut, each distinct link (configured and measured), then one simulated ep
 candidate (``split`` x ``micro_batches`` x ``micro_sizes``: the ones the config sets to
 ``auto``, else its own values) beside its floor (the least time any exact schedule could
 take) and the choice, the one with the shortest epoch; ``auto`` in the config makes the
-same choice at launch. ``--slowdown 3=4`` makes node 3's
-compute 4 times slower in the simulation (nodes of one machine share its measurement).
+same choice at launch. The simulation slows each node by its ``split.slowdown`` (which the
+run emulates); ``--slowdown 3=4`` makes node 3's compute 4 times slower than measured
+instead, in the simulation only (nodes of one machine share its measurement).
 ``--offload`` also prints a stage configuration for the run's clients that places the
 middle partitions on the clients that finish them first, checked by the stage validator.
 """
@@ -26,7 +27,8 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="overrides",
                         help="override a config key (repeatable), e.g. --set split.split=auto")
     parser.add_argument("--slowdown", metavar="UID=FACTOR", action="append", default=[],
-                        help="node UID computes FACTOR times slower than measured (repeatable)")
+                        help="node UID computes FACTOR times slower than measured, in the simulation only "
+                             "(repeatable; instead of its split.slowdown)")
     parser.add_argument("--offload", action="store_true",
                         help="print an offloading stage configuration for the run's clients")
     return parser
@@ -109,7 +111,7 @@ def run_profile(args: argparse.Namespace) -> int:
     if args.offload:
         rows = plan_offloading(profile, cfg.num_nodes, choice.micro_batches)
         print(f"\noffloading plan for {cfg.num_nodes} clients (earliest finish time; slowdowns "
-              f"{slowdown or 'none'}):")
+              f"{profile.slowdown or 'none'}):")
         print("split:\n  stages:")
         for row in rows:
             print("    - [" + ", ".join(f"'{x}'" for x in row) + "]")

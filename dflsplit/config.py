@@ -288,6 +288,10 @@ class SplitConfig:
     mode: Literal["parallel", "relay"] = key(
         "parallel", "parallel: every owner trains every step; relay: owners take turns of one sync period")
     profile_repeats: int = key(3, "with split or micro_batches auto: timings per measurement of the profiler", gt=0)
+    slowdown: dict[int, float] = key(
+        doc="node uid -> factor >= 1: that node computes this many times slower than this machine (emulated: "
+            "after each forward, backward and update it waits factor - 1 times the pass's time, off the cores "
+            "the nodes share), as a device slower than the server; the profiler plans with it", factory=dict, ge=1)
     save_model: bool = key(False, "each node writes its final model to split_model_<uid>.safetensors")
     trace: bool = key(False, "each node writes its timeline (compute actions, uplink, arrivals) to "
                              "trace_<uid>.json, merged into trace.json: Chrome trace events for ui.perfetto.dev")
@@ -616,6 +620,14 @@ def _validate(cfg: Config, source: str) -> None:
         if not 0 <= u < cfg.num_nodes or len(caps) != 2 or any(c < 0 for c in caps):
             raise ConfigError(f"{source}: section 'communication': key 'node_limits': expected node uid (0.."
                               f"{cfg.num_nodes - 1}) -> [upload, download] bytes/s >= 0, got {u}: {caps}")
+    for u, factor in cfg.split.slowdown.items():
+        if not 0 <= u < cfg.num_nodes or not factor >= 1:
+            raise ConfigError(f"{source}: section 'split': key 'slowdown': expected node uid (0..{cfg.num_nodes - 1})"
+                              f" -> factor >= 1 (how many times slower than this machine it computes), got {u}: "
+                              f"{factor}")
+    if cfg.split.slowdown and cfg.node.name != "split":
+        raise ConfigError(f"{source}: section 'split': key 'slowdown' emulates slower split-learning nodes; node "
+                          f"{cfg.node.name!r} does not take it")
     if r.on_peer_failure == "skip" and cfg.node.name == "split":
         raise ConfigError(f"{source}: section 'run': key 'on_peer_failure': a split-learning pipeline cannot go "
                           f"on without a stage; 'skip' is for gossip and federated nodes")

@@ -18,7 +18,7 @@ from dflsplit.node.split_profile import (
     Link, Profile, choose, cuts, epoch_floor, least_epoch_floor, plan_offloading, simulate, simulate_config,
     step_floor, sync_floor,
 )
-from dflsplit.node.split_schedule import TAPER_LAST, PipelineSchedule, SplitPlan, micro_sizes
+from dflsplit.node.split_schedule import TAPER_LAST, Action, PipelineSchedule, SplitPlan, micro_sizes
 from dflsplit.training import BatchSampler
 
 from stage_examples import ALL_LOCAL
@@ -56,10 +56,21 @@ def pipar_config(tmp_path, **split):
     ({"schedule": "zigzag"}, "unknown schedule 'zigzag'; known: 1f1b, gpipe"),
     ({"server": None, "aggregation_frequency": 2}, "'aggregation_frequency' is for the device/server mode"),
     ({"server": None, "split": "auto", "stages": [["1_1"]]}, "auto is for the device/server mode"),
+    ({"slowdown": {0: 0.5}}, "pipar.yaml: section 'split': key 'slowdown': expected node uid \\(0..4\\) -> factor >= 1 "
+                             "\\(how many times slower than this machine it computes\\), got 0: 0.5"),
+    ({"slowdown": {7: 2}}, "key 'slowdown': expected node uid \\(0..4\\) .*, got 7: 2.0"),
 ])
 def test_device_server_config_errors_name_the_key(tmp_path, split, message):
     with pytest.raises(ConfigError, match=message):
         load_config(pipar_config(tmp_path, **split))
+
+
+def test_slowdown_is_refused_for_nodes_that_do_not_emulate_it(tmp_path):
+    path = tmp_path / "dpsgd.yaml"
+    path.write_text(yaml.safe_dump({"run": {"procs_per_machine": 4}, "split": {"slowdown": {1: 4}}}))
+    with pytest.raises(ConfigError, match="dpsgd.yaml: section 'split': key 'slowdown' emulates slower "
+                                          "split-learning nodes; node 'dpsgd' does not take it"):
+        load_config(path)
 
 
 @pytest.mark.parametrize("key", ["split", "micro_batches", "micro_sizes"])
@@ -281,6 +292,54 @@ def test_simulated_server_workers_compute_for_several_devices_at_once():
     assert simulate(alone, profile, 2, workers=2).seconds == pytest.approx(simulate(alone, profile, 2).seconds)
 
 
+def test_slower_processors_hold_a_shared_core_only_for_this_machines_time():
+    """Two pipelines whose clients compute 4 times slower (split.slowdown, emulated by
+    waiting off the cores) on one shared core: the emulated time overlaps, so together
+    they take far less than one after the other, and no less than one alone; the
+    machine's bound in the step floor is the same as without the slowdown."""
+    m = StageMapping([["1_1", "1_2", "1_3", "1_4", "1_5", "1_6"], ["2_1", "2_2", "2_3", "2_4", "2_5", "2_6"]], 3)
+    sched = PipelineSchedule({c: SplitPlan(m, c, 1, sync="none") for c in (1, 2)})
+    alone = simulate(PipelineSchedule({1: SplitPlan(m, 1, 1, sync="none", trainers=[1])}),
+                     linear_profile({}, slowdown={0: 4.0}), steps=2).seconds
+    assert alone == pytest.approx(4 * 2 * (sum(F) + sum(B) + sum(U)))
+    both = simulate(sched, linear_profile({}, slowdown={0: 4.0, 1: 4.0}, cores=1), steps=2)
+    assert alone <= both.seconds < 0.6 * 2 * alone
+    assert both.busy[1] == pytest.approx(alone) and both.busy[2] == pytest.approx(alone)
+    links = {u: Link(1, 1, 1e5, 2.5e5) for u in range(4)} | {4: Link(0, 0, UNLIMITED, UNLIMITED)}
+    floors = [step_floor(linear_profile(links, P=4, slowdown=slow, cores=2), 1, 4, 0, 4, 4, 2)
+              for slow in ({}, {u: 8.0 for u in range(4)})]
+    assert floors[1].machine == pytest.approx(floors[0].machine)
+    assert floors[1].compute == pytest.approx(8 * floors[0].compute)
+
+
+def test_a_slow_device_answers_the_server_before_its_own_backward():
+    """In relaxed order a backward that no other client waits for (a device's chain down to
+    partition 1) yields to the step's passes that feed a peer: with devices 4 times slower
+    than the server, the head's passes (whose gradient the server waits for) go first and
+    the simulated step is shorter than with the dry run's order alone."""
+    links = {u: Link(1, 1, 2e4, 5e4) for u in range(4)} | {4: Link(0, 0, UNLIMITED, UNLIMITED)}
+    profile = linear_profile(links, P=4, slowdown={u: 4.0 for u in range(4)})
+    m = StageMapping(device_server_rows(5, 5, 4, 2), 4)
+    plans = {c: SplitPlan(m, c, 4, sync="none", schedule="1f1b", trainers=[1, 2, 3, 4]) for c in range(1, 6)}
+    device, server = plans[1], plans[5]
+    assert [device.local_only(Action("bwd", 0, 1, p, 0)) for p in (1, 2, 4)] == [True, True, False]
+    assert not device.local_only(Action("fwd", 0, 1, 1, 0))
+    assert not any(server.local_only(Action("bwd", 0, o, 3, 0)) for o in range(1, 5))
+    first = simulate(PipelineSchedule(plans), profile, steps=2).seconds
+
+    class DryRunOrder(SplitPlan):
+        def local_only(self, a):
+            return False
+
+    listed = simulate(PipelineSchedule({c: DryRunOrder(m, c, 4, sync="none", schedule="1f1b",
+                                                       trainers=[1, 2, 3, 4]) for c in range(1, 6)}),
+                      profile, steps=2).seconds
+    assert first < 0.97 * listed
+    strict = {c: SplitPlan(m, c, 4, sync="none", schedule="1f1b", trainers=[1, 2, 3, 4], strict=True)
+              for c in range(1, 6)}
+    assert {e.priority[1] for c in strict for e in PipelineSchedule(strict).ordered(c, 0)} == {False}
+
+
 def test_planner_keeps_the_shortest_simulated_epoch(tmp_path):
     cfg = load_config(pipar_config(tmp_path, split="auto", micro_batches="auto", aggregation_frequency=0))
     slow = {u: Link(1, 1, 1e4, 1e4) for u in range(4)} | {4: Link(0, 0, UNLIMITED, UNLIMITED)}
@@ -348,7 +407,7 @@ def test_profile_command_measures_and_chooses(tmp_path, capsys):
             "partitions": 3}, "node": {"name": "split"}, "training": {"batch_size": 8, "local_steps": 2},
             "communication": {"node_limits": {0: [2000000, 4000000], 1: [2000000, 4000000]}},
             "split": {"server": 2, "split": "auto", "micro_batches": "auto", "micro_sizes": "auto",
-                      "profile_repeats": 1}}
+                      "profile_repeats": 1, "slowdown": {1: 4}}}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(data))
     assert profile_main([str(path), "--offload"]) == 0
@@ -363,6 +422,7 @@ def test_profile_command_measures_and_chooses(tmp_path, capsys):
     assert sum("<- chosen" in line for line in out.splitlines()) == 1 and "choice: split: " in out
     assert ", micro_sizes: " in out.split("choice: ")[1].splitlines()[0]
     assert "the stage validator accepts it (rules 1-6, strict order)" in out
+    assert "(earliest finish time; slowdowns {1: 4.0})" in out  # split.slowdown: what the run emulates
 
 
 class HeldTransport:

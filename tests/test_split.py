@@ -568,6 +568,36 @@ def check_trace(folder: Path, epoch: int, workers: int = 1) -> None:
             assert sum(k.startswith("split/x/grad/") for k in sent) == 2 * epoch * 4
 
 
+def test_a_slower_processor_waits_its_factor_less_one_times_each_pass(monkeypatch):
+    from dflsplit.node import split
+
+    waits = []
+    monkeypatch.setattr(split.time, "sleep", waits.append)
+    slow, same = split.SlowerProcessor(3), split.SlowerProcessor()
+    for took in (0.01, 0.25, 0.0):
+        slow.after(took)
+        same.after(took)
+    assert waits == pytest.approx([0.02, 0.5]) and slow.waited == pytest.approx(0.52) and same.waited == 0
+
+
+@pytest.mark.slow
+def test_emulated_slow_devices_train_the_same_model_and_count_the_added_time(tmp_path, base_port):
+    """split.slowdown makes devices 0 and 1 compute 3 times slower: the weights still equal
+    the unsplit run's, only they report added time, and it is inside their passes' time
+    (a pass that took t here lasts 3t: 2t of it added)."""
+    cfg = device_server_config(tmp_path, base_port, "split.slowdown={0: 3, 1: 3}", "run.rounds=1")
+    run_experiment(cfg, tmp_path / "run")
+    assert_matches_reference(cfg, tmp_path / "run", split_timeline(cfg)[0])
+    records = records_of(tmp_path / "run", 5)
+    for u, rs in records.items():
+        added = rs[0]["slowdown_seconds"]
+        passes = sum(rs[0][f"{k}_seconds"] for k in ("data_load", "forward", "backward", "update"))
+        if u in (0, 1):
+            assert 0 < added and 1.5 * added <= passes, rs[0]
+        else:
+            assert added == 0, (u, rs[0])
+
+
 @pytest.mark.slow
 def test_auto_split_and_micro_batches_are_chosen_at_launch(tmp_path, base_port):
     cfg = device_server_config(tmp_path, base_port, "split.split=auto", "split.micro_batches=auto",

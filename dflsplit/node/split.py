@@ -28,6 +28,9 @@ is on the wire. A payload is released as soon as the action that needs it ran. W
 (`Workers`): actions of different owners run at once (a server's devices), an owner's one
 at a time, a replica share or sync alone (`split_schedule.may_start`); their outputs are
 made on the executor's thread when they finish, and an error on a worker ends the node.
+A node in ``split.slowdown`` emulates a slower processor (a device slower than the
+server, as PiPar's): after each forward, backward and update it waits its factor - 1
+times the pass's time, holding none of the cores the nodes share (`SlowerProcessor`).
 
 Replica synchronisation at the end of every ``split.sync_every`` steps (or epochs; in
 device/server mode ``split.aggregation_frequency``, and through the server: each device
@@ -44,7 +47,8 @@ synchronisation period (Bloom's sequential relay).
 Metrics: every round record has the executor's time per activity (data loading,
 forward, backward, optimizer update, replica sync, sends, receives, idle; while workers
 compute, the time is shared equally among their actions' activities) and their sum,
-the sender's upload time, the transfer time of what arrived, the live activations' peak,
+the sender's upload time, the transfer time of what arrived, the time a slower
+processor added (``slowdown_seconds``, counted in its passes), the live activations' peak,
 and what the node still holds (payloads, spool, mailbox); at the end each node adds its
 row to ``results.csv`` in its machine's results folder (PiPar's columns and more).
 
@@ -95,6 +99,8 @@ EVAL_PREFIX = "split/eval/"
 ACTIVITY = {"fwd": "forward", "bwd": "backward", "step": "update", "share": "sync", "sync": "sync",
             "send": "send", "recv": "receive"}
 COMPUTE = ("data_load", "forward", "backward", "update", "sync")
+#: the actions a slower processor (``split.slowdown``) stretches: the passes and updates the profiler times
+SLOWED = ("fwd", "bwd", "step")
 COMMUNICATION = ("send", "receive")
 ACTIVITIES = COMPUTE + COMMUNICATION + ("idle",)
 
@@ -363,6 +369,23 @@ class Workers:
             t.join(timeout=5)
 
 
+class SlowerProcessor:
+    """Emulates a processor `factor` times slower than this machine's (``split.slowdown``):
+    after a pass that took `took` seconds here, `after` waits (factor - 1) x `took`, so the
+    pass ends when it would on the slower one. The wait holds no core: each emulated
+    device has its own processor, as the one it stands for would."""
+
+    def __init__(self, factor: float = 1.0):
+        self.factor = float(factor)
+        self.waited = 0.0  # seconds added so far
+
+    def after(self, took: float) -> None:
+        if self.factor > 1 and took > 0:
+            extra = (self.factor - 1) * took
+            self.waited += extra
+            time.sleep(extra)
+
+
 class Sender:
     """Publishes in a background thread so that compute never waits on a send (spooling,
     hashing, rate limits, a torrent to seed). Queued payloads go out by `priority` (lower
@@ -458,6 +481,7 @@ class SplitNode(Node):
                 f"{cfg.path or '<config>'}: section 'split': key 'micro_batches' is {sp.micro_batches}, more than "
                 f"node {self.uid}'s batch of {self.sampler.batch_size} samples")
         self.role = ("server" if self.uid == sp.server else "device") if sp.server is not None else "client"
+        self.processor = SlowerProcessor(sp.slowdown.get(self.uid, 1.0))
         self.shapes, self.dtype = self._feature_shapes()
         self.sync_expect = {p: describe(float_state(parts[p - 1])) for p in self.plan.partitions}
         self.queue = DataflowQueue(strict=self.plan.strict)
@@ -487,6 +511,7 @@ class SplitNode(Node):
         self._receiver: Optional[threading.Thread] = None
         self._download = 0.0
         self._upload_seen = 0.0
+        self._slowed_seen = 0.0
 
     # the launcher's hooks ----------------------------------------------------------------
     @classmethod
@@ -662,10 +687,13 @@ class SplitNode(Node):
         comm = sum(sec[k] for k in COMMUNICATION)
         upload = self.sender.busy - self._upload_seen
         self._upload_seen = self.sender.busy
+        slowed = self.processor.waited - self._slowed_seen  # inside compute: the emulated processor's extra time
+        self._slowed_seen = self.processor.waited
         out = {f"{k}_seconds": sec[k] for k in ACTIVITIES}
         out.update(compute_seconds=compute, comm_wait_seconds=comm, train_seconds=wall,
                    accounted=(compute + comm + sec["idle"]) / wall if wall > 0 else 1.0,
-                   upload_seconds=upload, download_seconds=self._download, peak_activations=peak,
+                   upload_seconds=upload, download_seconds=self._download, slowdown_seconds=slowed,
+                   peak_activations=peak,
                    **self.holdings())
         if len(self.trained):
             out["sample_counts"] = [int(self.trained.min()), int(self.trained.max())]
@@ -709,7 +737,11 @@ class SplitNode(Node):
         handler = {"fwd": self._forward, "bwd": self._backward, "step": self._step, "share": self._share_out,
                    "sync": self._sync}[a.kind]
         with self.compute:
+            t0 = time.perf_counter()
             handler(a)
+            took = time.perf_counter() - t0
+        if a.kind in SLOWED:
+            self.processor.after(took)
 
     def _produce(self, a: Action) -> None:
         for tok, dest in self.plan.outputs(a):

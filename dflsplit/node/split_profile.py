@@ -7,7 +7,8 @@
   the candidates need (median of ``split.profile_repeats`` timings after a warm-up), in a
   forked process with the torch threads a node of the run gets; the nodes of one machine
   share its processor, so one measurement stands for all of them, scaled by a per-node
-  slowdown (1 unless given, e.g. ``dflsplit profile --slowdown 3=4``);
+  slowdown (``split.slowdown``, which the nodes emulate, or ``dflsplit profile --slowdown
+  3=4``; 1 unless given);
 * the bytes per sample at each cut (a partition's output, and its gradient on the way
   back) and of each partition's weights (what replica sync moves);
 * each node's link: two transports on loopback with that node's caps, timing payloads
@@ -25,7 +26,8 @@ the shortest. `plan_offloading` uses the same profile to place the middle partit
 owners' pipelines on the clients that finish them first (earliest-finish-time list
 scheduling), each row ordered by stage so the stage validator accepts it. The
 simulation lets at most as many actions compute at once as the machine has cores for
-their threads (the nodes of one machine share them).
+their threads (the nodes of one machine share them); a node's slower processor
+(``split.slowdown``) holds one only for the time this machine's would take.
 
 `step_floor` and `sync_floor` bound a device/server step and an epoch's replica sync from
 below, for any schedule that keeps the step exact: what the simulation (one schedule) or
@@ -281,11 +283,13 @@ def candidate_splits(cfg, partitions: int) -> list[Optional[int]]:
 
 def profile_run(cfg, dataset=None, slowdown: Optional[dict[int, float]] = None) -> Profile:
     """Measure compute (in a spawned process, the nodes' thread count), cut sizes and every
-    distinct link of the run."""
+    distinct link of the run; the nodes' slowdowns are ``split.slowdown``'s, updated with
+    `slowdown`'s."""
     from ..datasets import build_dataset
     from .split import model_partitions
 
     dataset = dataset if dataset is not None else build_dataset(cfg)
+    slowdown = dict(cfg.split.slowdown) | dict(slowdown or {})
     b = cfg.training.batch_size
     sizes = sorted({s for m in candidate_micro(cfg) for sizing in {"even", *candidate_sizings(cfg, m)}
                     for s in micro_sizes(b, m, sizing)} | {b})
@@ -305,7 +309,7 @@ def profile_run(cfg, dataset=None, slowdown: Optional[dict[int, float]] = None) 
         links[uid] = Link(caps[0], caps[1], *measured[caps])
     P = model_partitions(cfg)
     return Profile(b, P, result["fwd"], result["bwd"], result["update"], result["out_bytes"], result["param_bytes"],
-                   links, dict(slowdown or {}), threads, machine_cores())
+                   links, slowdown, threads, machine_cores())
 
 
 # --------------------------------------------------------------------------- simulating
@@ -409,24 +413,30 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: 
                 if d > 0 and computing >= slots:
                     break
                 queues[c].pop(allowed)
+                core = d / profile.speed(uid[c])  # a slower processor holds a core for this machine's time only
                 if d > 0:
                     computing += 1
                     held[c] += 1
                     if held[c] == 1:
                         busy_since[c] = now
+                    if core < d:
+                        heapq.heappush(events, (now + core, seq, "released", None))
+                        seq += 1
                 running[c].append(a)
-                heapq.heappush(events, (now + d, seq, "done", (c, a, d > 0)))
+                heapq.heappush(events, (now + d, seq, "done", (c, a, d > 0, core >= d)))
                 seq += 1
         if not events:
             if any(len(q) for q in queues.values()):
                 raise RuntimeError("the simulated schedule stalled (the dry run should have caught it)")
             break
         now, _, kind, data = heapq.heappop(events)
-        if kind == "done":
-            c, a, core = data
+        if kind == "released":
+            computing -= 1
+        elif kind == "done":
+            c, a, compute, core = data
             running[c].remove(a)
-            if core:
-                computing -= 1
+            if compute:
+                computing -= core
                 held[c] -= 1
                 if held[c] == 0:
                     busy[c] += now - busy_since[c]
@@ -493,8 +503,9 @@ def step_floor(profile: Profile, split: int, micro: int, device: int, server: in
     the smallest micro-batch's (a lower bound for every one). At one micro-batch nothing
     overlaps and the bound is the step's sequential time. On average over an epoch a step
     also takes at least the server's passes for every device spread over its workers, and,
-    when the nodes share the machine's cores (``profile.cores``), every node's passes
-    spread over them (perfect scaling: a lower bound)."""
+    when the nodes share the machine's cores (``profile.cores``), every node's passes at
+    this machine's speed (a slower processor's extra time holds no core) spread over them
+    (perfect scaling: a lower bound)."""
     P = profile.partitions
     if not 1 <= split <= P - 2:
         raise ValueError(f"split {split}: a device/server layout with partitions 1..{split} and {P} on the device "
@@ -523,7 +534,7 @@ def step_floor(profile: Profile, split: int, micro: int, device: int, server: in
     served = devices * srv * (sum(passes("fwd", theirs, s) + passes("bwd", theirs, s) for s in sizes)
                               + sum(profile.update[p - 1] for p in theirs))
     server_floor = served / min(max(1, workers), devices)
-    machine = (devices * compute + served) * profile.threads / profile.cores if profile.cores else 0.0
+    machine = (devices * compute / dev + served / srv) * profile.threads / profile.cores if profile.cores else 0.0
     return StepFloor(fill, up, acts, last_round_trip, tail, uplink, compute, server_floor, machine,
                      max(uplink, compute, server_floor, machine))
 

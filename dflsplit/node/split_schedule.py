@@ -31,9 +31,12 @@ schedule's preference first; messages arrive the next tick) records the order in
 each client ran its actions. That run is the dry run: it proves the step cannot deadlock,
 and names what waits for what from whom when it would. The executor (`split.SplitNode`)
 runs the lists: with ``order: relaxed`` any action whose tokens are there, the list's
-order as priority; with ``order: strict`` the list in order, each action waiting for its
-predecessor. A strict list also keeps, for every micro-batch, the row order of the
-stage configuration, so rule 6 (strict) of the stage validator is exactly the condition
+order as priority within a step, except that a backward no other client waits for (a
+device's backward chain down to partition 1) yields to the step's other ready actions,
+which feed a peer (`SplitPlan.local_only`: a slow device then answers the server first);
+with ``order: strict`` the list in order, each action waiting for its predecessor. A
+strict list also keeps, for every micro-batch, the row order of the stage
+configuration, so rule 6 (strict) of the stage validator is exactly the condition
 for it to exist. Every dependency between steps goes forwards in time (a replica's sync
 at step t before its forwards of step t+1), so steps that complete one by one complete
 together.
@@ -438,6 +441,18 @@ class SplitPlan:
             out.append(Scheduled(a, req, self.schedule.preference(a, last)))
         return out
 
+    def local_only(self, a: Action) -> bool:
+        """Whether `a` is a backward whose result stays on this client through every pass
+        that follows it here (a chain that ends at partition 1): no peer waits for it."""
+        if a.kind != "bwd":
+            return False
+        o, p = a.owner, a.partition
+        while p > 1:
+            if self.stages.runner(o, p - 1) != self.client:
+                return False
+            p -= 1
+        return True
+
     def _transfers(self, a: Action) -> list[tuple[Action, tuple[Token, ...]]]:
         """The sends a pass feeds and the receives it waits on, with their requirements."""
         t, o, p, m, P, me = a.step, a.owner, a.partition, a.micro, self.P, self.client
@@ -655,7 +670,8 @@ class PipelineSchedule:
     settings). The list of a step comes from a symbolic run of that step for all clients
     (see the module docstring), done once per step signature (which owners train, whether
     replicas sync) and cached; ``ordered(client, t)`` gives the entries with priority
-    ``(t, position in the list)``, which is all an executor needs.
+    ``(t, local only, position in the list)`` (relaxed order; strict: ``local only`` is
+    always False), which is all an executor needs.
     """
 
     def __init__(self, plans: dict[int, SplitPlan]):
@@ -688,9 +704,13 @@ class PipelineSchedule:
         return self._orders[sig]
 
     def ordered(self, client: int, t: int) -> list[Scheduled]:
-        """Client `client`'s entries of step t in list order, priority (t, position)."""
-        entries = self.plans[client].step(t)
-        return [Scheduled(entries[i].action, entries[i].requires, (t, k))
+        """Client `client`'s entries of step t in list order, priority (t, local only, position):
+        in relaxed order a backward no peer waits for (`SplitPlan.local_only`) goes after the
+        step's other ready actions."""
+        plan = self.plans[client]
+        entries = plan.step(t)
+        late = (lambda a: False) if self.strict else plan.local_only
+        return [Scheduled(entries[i].action, entries[i].requires, (t, late(entries[i].action), k))
                 for k, i in enumerate(self.order(t)[client])]
 
     def check(self, steps: Iterable[int]) -> int:
