@@ -39,6 +39,13 @@ Rows:
   (their ratios), M=1's floor and simulated epoch with the ratios floor to floor and
   simulation to simulation, the simulated M=4 epoch, and M=4 measured with tapered micro-batches:
   whether a heavier or lighter model lets M=4 reach 1.5x on this machine.
+* ``devices``: PiPar's devices are slower than its server; here the devices emulate a
+  processor k times slower than this machine's (``split.slowdown``, k of ``--slowdowns``:
+  after each pass a device waits k - 1 times its time, holding none of the shared cores),
+  the server runs at this machine's speed. Splits 1 and 2, M=1 against M=4 (1f1b, even
+  and tapered sizes), with the floor-to-floor and simulated ratios from the profile slowed
+  alike, and this machine's rate on a device's passes (FLOPs from torch's
+  FlopCounterMode over the profiled time) to put k in GFLOP/s. Same targets.
 * ``workers``: split 1, M=4 with one compute thread per node (``split.workers: 1``)
   against two, run one after the other: what the server's second worker gives.
 * ``sweep``: every split (-1, 1, 2) × M (1, 2, 4, 8, 16) with 1f1b, and a run with
@@ -60,8 +67,8 @@ Nothing samples the nodes while they run. The machine's other load is printed; o
 shared machine absolute times are noisy, the ratios come from runs minutes apart.
 Usage::
 
-    python eval/bench/pipeline.py [--rows links,pipeline,workers,sweep,ceiling] [--width 32] [--samples 256]
-                                  [--widths 32,48,64] [--out FILE]
+    python eval/bench/pipeline.py [--rows links,pipeline,workers,sweep,devices,ceiling] [--width 32]
+                                  [--samples 256] [--widths 32,48,64] [--slowdowns 4,8,16] [--out FILE]
 
 The table goes to eval/bench/results/pipeline.txt.
 """
@@ -266,6 +273,77 @@ def ceiling_row(widths: list[int], samples: int, lines: list[str]) -> None:
             print(lines[-1], flush=True)
 
 
+def device_gflops(bench: Bench, split: int) -> float:
+    """This machine's rate on a device's passes (partitions 1..`split` and the last, forward
+    and backward of a batch): their FLOPs (torch's FlopCounterMode) over the profile's times."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dflsplit.models import build_model
+
+    cfg = load_config(bench.path)
+    model = build_model(cfg.model, (3, 32, 32), 10, seed=0)
+    parts, P, b = list(model.children()), bench.profile.partitions, bench.profile.batch
+    x = torch.randn(b, 3, 32, 32)
+    with torch.no_grad():
+        head_in = x
+        for part in parts[:-1]:
+            head_in = part(head_in)
+    with FlopCounterMode(display=False) as counter:
+        out = x
+        for part in parts[:split]:
+            out = part(out)
+        out.sum().backward()
+        parts[-1](head_in.clone().requires_grad_(True)).sum().backward()
+    seconds = sum(bench.profile.pass_time(k, p, b) for k in ("fwd", "bwd") for p in (*range(1, split + 1), P))
+    return counter.get_total_flops() / seconds / 1e9
+
+
+def devices_row(bench: Bench, factors: list[int]) -> None:
+    """Devices slower than the server, as PiPar's are: the devices (nodes 0-3) emulate a
+    processor k times slower than this machine's (``split.slowdown``), the server runs at
+    this machine's speed; splits 1 and 2, M=1 against M=4 (1f1b, even and tapered sizes),
+    with the floors and the simulation from the profile slowed alike."""
+    import copy
+
+    from dflsplit.node.split_profile import epoch_floor, profile_run, simulate_config
+
+    lines = bench.lines
+    cfg = load_config(bench.path, ["split.micro_batches=auto", "split.micro_sizes=auto"])
+    if bench.profile is None:
+        bench.profile = profile_run(cfg)
+    rates = {split: device_gflops(bench, split) for split in (1, 2)}
+    lines.append("devices: the devices (nodes 0-3) emulate a processor k times slower than this machine's "
+                 "(split.slowdown: after each pass a device waits k - 1 times its time, holding no core), the server "
+                 "at this machine's speed; M=1 against M=4 (1f1b); floor to floor and simulated to simulated from "
+                 "the profile slowed alike")
+    lines.append(f"  this machine on a device's passes (FLOPs of forward and backward of a batch, torch's "
+                 f"FlopCounterMode, over the profiled time): split 1 {rates[1]:.1f} GFLOP/s, split 2 "
+                 f"{rates[2]:.1f} GFLOP/s, one thread")
+    for k in factors:
+        slow = "{" + ", ".join(f"{u}: {k}" for u in range(DEVICES)) + "}"
+        profile = copy.deepcopy(bench.profile)
+        profile.slowdown = {u: float(k) for u in range(DEVICES)}
+        for split in (1, 2):
+            base = [f"split.split={split}", f"split.slowdown={slow}"]
+            one = bench.run([*base, "split.micro_batches=1"])
+            floor1 = epoch_floor(cfg, profile, split, 1, bench.steps, "even")
+            sim1 = simulate_config(cfg, profile, split, 1, bench.steps, "even").seconds
+            parts = []
+            for sizing in ("even", "tapered"):
+                four = bench.run([*base, "split.micro_batches=4", f"split.micro_sizes={sizing}"])
+                floor = epoch_floor(cfg, profile, split, 4, bench.steps, sizing)
+                sim = simulate_config(cfg, profile, split, 4, bench.steps, sizing).seconds
+                speed, idle = one["epoch"] / four["epoch"], 1 - four["idle"] / one["idle"]
+                parts.append(f"M=4 {sizing} {four['epoch']:5.2f} s: {speed:.2f}x (target >= 1.5x: "
+                             f"{'met' if speed >= 1.5 else 'NOT met'}), device idle {idle:.0%} lower (target >= 30 %: "
+                             f"{'met' if idle >= 0.30 else 'NOT met'}), floor to floor {floor1 / floor:.2f}x, "
+                             f"simulated {sim1 / sim:.2f}x")
+            lines.append(f"  k={k:<2} (devices at {rates[split] / k:4.1f} GFLOP/s) split {split}: M=1 {one['epoch']:5.2f} s "
+                         f"(idle {one['idle']:5.2f} s); " + "; ".join(parts))
+            print(lines[-1], flush=True)
+
+
 def workers_row(bench: Bench) -> None:
     one = bench.run(["split.split=1", "split.micro_batches=4", "split.workers=1"])
     two = bench.run(["split.split=1", "split.micro_batches=4", "split.workers=2"])
@@ -315,10 +393,11 @@ def sweep_rows(bench: Bench) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default="links,pipeline,workers,sweep")
+    parser.add_argument("--rows", default="links,pipeline,workers,sweep,devices")
     parser.add_argument("--width", type=int, default=32, help="channels of the VGG's first block")
     parser.add_argument("--samples", type=int, default=256, help="training samples per device (batch 32)")
     parser.add_argument("--widths", default="32,48,64", help="the ceiling row's VGG widths")
+    parser.add_argument("--slowdowns", default="4,8,16", help="the devices row's factors k (devices k times slower)")
     parser.add_argument("--out", default=str(ROOT / "eval" / "bench" / "results" / "pipeline.txt"))
     args = parser.parse_args()
     rows = args.rows.split(",")
@@ -337,6 +416,8 @@ def main() -> None:
         workers_row(bench)
     if "links" in rows:
         links(bench, four)
+    if "devices" in rows:
+        devices_row(bench, [int(k) for k in args.slowdowns.split(",")])
     if "ceiling" in rows:
         ceiling_row([int(w) for w in args.widths.split(",")], args.samples, lines)
     lines.append(f"# load average at the end {os.getloadavg()[0]:.1f}")
