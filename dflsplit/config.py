@@ -289,9 +289,10 @@ class SplitConfig:
         "parallel", "parallel: every owner trains every step; relay: owners take turns of one sync period")
     profile_repeats: int = key(3, "with split or micro_batches auto: timings per measurement of the profiler", gt=0)
     slowdown: dict[int, float] = key(
-        doc="node uid -> factor >= 1: that node computes this many times slower than this machine (emulated: "
-            "after each forward, backward and update it waits factor - 1 times the pass's time, off the cores "
-            "the nodes share), as a device slower than the server; the profiler plans with it", factory=dict, ge=1)
+        doc="node uid -> how many times slower than this machine that node computes (emulated: each forward, "
+            "backward and update lasts that many times its CPU time here, the added wait off the cores the "
+            "nodes share), as a device slower than the server; the profiler plans with it",
+        factory=dict, ge=1)
     save_model: bool = key(False, "each node writes its final model to split_model_<uid>.safetensors")
     trace: bool = key(False, "each node writes its timeline (compute actions, uplink, arrivals) to "
                              "trace_<uid>.json, merged into trace.json: Chrome trace events for ui.perfetto.dev")

@@ -568,23 +568,26 @@ def check_trace(folder: Path, epoch: int, workers: int = 1) -> None:
             assert sum(k.startswith("split/x/grad/") for k in sent) == 2 * epoch * 4
 
 
-def test_a_slower_processor_waits_its_factor_less_one_times_each_pass(monkeypatch):
-    from dflsplit.node import split
+def test_a_slower_processor_waits_its_factor_less_one_times_each_pass():
+    from dflsplit.node.split import SlowerProcessor
 
     waits = []
-    monkeypatch.setattr(split.time, "sleep", waits.append)
-    slow, same = split.SlowerProcessor(3), split.SlowerProcessor()
+    slow, same = SlowerProcessor(3, sleep=waits.append), SlowerProcessor(sleep=waits.append)
     for took in (0.01, 0.25, 0.0):
         slow.after(took)
         same.after(took)
     assert waits == pytest.approx([0.02, 0.5]) and slow.waited == pytest.approx(0.52) and same.waited == 0
+    slow.after(0.05, work=0.02)  # a pass slowed here by other load: it lasts 3x its work, 0.06 s in all
+    slow.after(0.07, work=0.02)  # slowed past that: nothing added
+    assert waits == pytest.approx([0.02, 0.5, 0.01])
 
 
 @pytest.mark.slow
 def test_emulated_slow_devices_train_the_same_model_and_count_the_added_time(tmp_path, base_port):
     """split.slowdown makes devices 0 and 1 compute 3 times slower: the weights still equal
     the unsplit run's, only they report added time, and it is inside their passes' time
-    (a pass that took t here lasts 3t: 2t of it added)."""
+    (a pass whose work took w of a core here lasts 3w: at least 2w of it added, as w is
+    at most its wall time here)."""
     cfg = device_server_config(tmp_path, base_port, "split.slowdown={0: 3, 1: 3}", "run.rounds=1")
     run_experiment(cfg, tmp_path / "run")
     assert_matches_reference(cfg, tmp_path / "run", split_timeline(cfg)[0])

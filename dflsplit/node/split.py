@@ -29,8 +29,9 @@ is on the wire. A payload is released as soon as the action that needs it ran. W
 at a time, a replica share or sync alone (`split_schedule.may_start`); their outputs are
 made on the executor's thread when they finish, and an error on a worker ends the node.
 A node in ``split.slowdown`` emulates a slower processor (a device slower than the
-server, as PiPar's): after each forward, backward and update it waits its factor - 1
-times the pass's time, holding none of the cores the nodes share (`SlowerProcessor`).
+server, as PiPar's): each forward, backward and update lasts its factor times the
+pass's work here (its thread's CPU time with one torch thread, else its wall time), the
+added wait holding none of the cores the nodes share (`SlowerProcessor`).
 
 Replica synchronisation at the end of every ``split.sync_every`` steps (or epochs; in
 device/server mode ``split.aggregation_frequency``, and through the server: each device
@@ -371,19 +372,21 @@ class Workers:
 
 class SlowerProcessor:
     """Emulates a processor `factor` times slower than this machine's (``split.slowdown``):
-    after a pass that took `took` seconds here, `after` waits (factor - 1) x `took`, so the
-    pass ends when it would on the slower one. The wait holds no core: each emulated
-    device has its own processor, as the one it stands for would."""
+    a pass whose work took `work` seconds of a core here lasts factor x `work`; `after`
+    waits what the pass's `took` seconds (its wall time here) leave of that. The wait holds
+    no core: each emulated device has its own processor, as the one it stands for would,
+    and so the other nodes' load on this machine's cores does not slow it."""
 
-    def __init__(self, factor: float = 1.0):
+    def __init__(self, factor: float = 1.0, sleep=time.sleep):
         self.factor = float(factor)
         self.waited = 0.0  # seconds added so far
+        self._sleep = sleep
 
-    def after(self, took: float) -> None:
-        if self.factor > 1 and took > 0:
-            extra = (self.factor - 1) * took
+    def after(self, took: float, work: Optional[float] = None) -> None:
+        extra = self.factor * (took if work is None else work) - took
+        if self.factor > 1 and extra > 0:
             self.waited += extra
-            time.sleep(extra)
+            self._sleep(extra)
 
 
 class Sender:
@@ -737,11 +740,11 @@ class SplitNode(Node):
         handler = {"fwd": self._forward, "bwd": self._backward, "step": self._step, "share": self._share_out,
                    "sync": self._sync}[a.kind]
         with self.compute:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.thread_time()
             handler(a)
-            took = time.perf_counter() - t0
-        if a.kind in SLOWED:
-            self.processor.after(took)
+            took, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
+        if a.kind in SLOWED:  # one torch thread: the pass's work is this thread's CPU time
+            self.processor.after(took, cpu if torch.get_num_threads() == 1 else took)
 
     def _produce(self, a: Action) -> None:
         for tok, dest in self.plan.outputs(a):

@@ -41,7 +41,7 @@ Rows:
   whether a heavier or lighter model lets M=4 reach 1.5x on this machine.
 * ``devices``: PiPar's devices are slower than its server; here the devices emulate a
   processor k times slower than this machine's (``split.slowdown``, k of ``--slowdowns``:
-  after each pass a device waits k - 1 times its time, holding none of the shared cores),
+  each pass lasts k times its CPU time here, the added wait holding none of the shared cores),
   the server runs at this machine's speed. Splits 1 and 2, M=1 against M=4 (1f1b, even
   and tapered sizes), with the floor-to-floor and simulated ratios from the profile slowed
   alike, and this machine's rate on a device's passes (FLOPs from torch's
@@ -314,7 +314,7 @@ def devices_row(bench: Bench, factors: list[int]) -> None:
         bench.profile = profile_run(cfg)
     rates = {split: device_gflops(bench, split) for split in (1, 2)}
     lines.append("devices: the devices (nodes 0-3) emulate a processor k times slower than this machine's "
-                 "(split.slowdown: after each pass a device waits k - 1 times its time, holding no core), the server "
+                 "(split.slowdown: each pass lasts k times its CPU time here, the wait holding no core), the server "
                  "at this machine's speed; M=1 against M=4 (1f1b); floor to floor and simulated to simulated from "
                  "the profile slowed alike")
     lines.append(f"  this machine on a device's passes (FLOPs of forward and backward of a batch, torch's "
@@ -339,8 +339,8 @@ def devices_row(bench: Bench, factors: list[int]) -> None:
                              f"{'met' if speed >= 1.5 else 'NOT met'}), device idle {idle:.0%} lower (target >= 30 %: "
                              f"{'met' if idle >= 0.30 else 'NOT met'}), floor to floor {floor1 / floor:.2f}x, "
                              f"simulated {sim1 / sim:.2f}x")
-            lines.append(f"  k={k:<2} (devices at {rates[split] / k:4.1f} GFLOP/s) split {split}: M=1 {one['epoch']:5.2f} s "
-                         f"(idle {one['idle']:5.2f} s); " + "; ".join(parts))
+            lines.append(f"  k={k:<2} (devices at {rates[split] / k:4.1f} GFLOP/s) split {split}: M=1 "
+                         f"{one['epoch']:5.2f} s (idle {one['idle']:5.2f} s); " + "; ".join(parts))
             print(lines[-1], flush=True)
 
 
