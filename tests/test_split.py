@@ -586,8 +586,8 @@ def test_a_slower_processor_waits_its_factor_less_one_times_each_pass():
 def test_emulated_slow_devices_train_the_same_model_and_count_the_added_time(tmp_path, base_port):
     """split.slowdown makes devices 0 and 1 compute 3 times slower: the weights still equal
     the unsplit run's, only they report added time, and it is inside their passes' time
-    (a pass whose work took w of a core here lasts 3w: at least 2w of it added, as w is
-    at most its wall time here)."""
+    (a pass whose work took w of a core here lasts 3w; its wall time here is at least w,
+    so the wait is at most 2w, two thirds of the pass)."""
     cfg = device_server_config(tmp_path, base_port, "split.slowdown={0: 3, 1: 3}", "run.rounds=1")
     run_experiment(cfg, tmp_path / "run")
     assert_matches_reference(cfg, tmp_path / "run", split_timeline(cfg)[0])
