@@ -573,12 +573,12 @@ def test_a_slower_processor_waits_its_factor_less_one_times_each_pass():
 
     waits = []
     slow, same = SlowerProcessor(3, sleep=waits.append), SlowerProcessor(sleep=waits.append)
-    for took in (0.01, 0.25, 0.0):
-        slow.after(took)
-        same.after(took)
+    for took in (0.01, 0.25, 0.0):  # work = wall time: nothing else slowed the pass
+        slow.after(took, took)
+        same.after(took, took)
     assert waits == pytest.approx([0.02, 0.5]) and slow.waited == pytest.approx(0.52) and same.waited == 0
-    slow.after(0.05, work=0.02)  # a pass slowed here by other load: it lasts 3x its work, 0.06 s in all
-    slow.after(0.07, work=0.02)  # slowed past that: nothing added
+    slow.after(0.05, 0.02)  # a pass slowed here by other load: it lasts 3x its work, 0.06 s in all
+    slow.after(0.07, 0.02)  # slowed past that: nothing added
     assert waits == pytest.approx([0.02, 0.5, 0.01])
 
 
@@ -710,27 +710,21 @@ def server_sends_one_sample_too_many(monkeypatch, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_a_gradient_of_the_wrong_shape_fails_its_receiver_naming_the_sender(tmp_path, base_port, monkeypatch):
-    """The server sends a gradient one sample longer than the activation it answers: the
-    device fails with both shapes and the sender, not inside autograd."""
-    server_sends_one_sample_too_many(monkeypatch, "grad")
+@pytest.mark.parametrize("what,message", [
+    # a gradient one sample longer than the activation it answers: not inside autograd
+    ("grad", r"^node 1 failed: SplitError: node 1: the gradient of backward 2_8 \(step 1, micro-batch \d\) from "
+             r"client 5 \(node 4\) has shape \(9, 32\); the activation sent for it had \(8, 32\)"),
+    # an activation for the device's head one sample longer than the micro-batch: not inside the loss
+    ("act", r"^node 1 failed: SplitError: node 1: the activation of forward \d_\d+ \(step 1, micro-batch (\d)\) "
+            r"from client 5 \(node 4\) has 9 samples; micro-batch \1 of step 1 has 8"),
+])
+def test_a_payload_one_sample_too_long_fails_its_receiver_naming_the_sender(tmp_path, base_port, monkeypatch,
+                                                                            what, message):
+    """The server sends client 2 a payload one sample longer than it should be: the device
+    fails naming the sender and both sizes."""
+    server_sends_one_sample_too_many(monkeypatch, what)
     cfg = device_server_config(tmp_path, base_port, "run.rounds=1", "communication.timeout=30")
-    with pytest.raises(RunFailed, match=r"^node 1 failed: SplitError: node 1: the gradient of backward 2_8 "
-                       r"\(step 1, micro-batch \d\) from client 5 \(node 4\) has shape \(9, 32\); "
-                       r"the activation sent for it had \(8, 32\)"):
-        run_experiment(cfg, tmp_path / "run")
-
-
-@pytest.mark.slow
-def test_an_activation_with_the_wrong_sample_count_fails_its_owner_naming_the_sender(tmp_path, base_port,
-                                                                                     monkeypatch):
-    """The server sends the device's head an activation one sample longer than the
-    micro-batch: the device fails naming the sender and both counts, not inside the loss."""
-    server_sends_one_sample_too_many(monkeypatch, "act")
-    cfg = device_server_config(tmp_path, base_port, "run.rounds=1", "communication.timeout=30")
-    with pytest.raises(RunFailed, match=r"^node 1 failed: SplitError: node 1: the activation of forward \d_\d+ "
-                       r"\(step 1, micro-batch (\d)\) from client 5 \(node 4\) has 9 samples; "
-                       r"micro-batch \1 of step 1 has 8"):
+    with pytest.raises(RunFailed, match=message):
         run_experiment(cfg, tmp_path / "run")
 
 

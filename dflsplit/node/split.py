@@ -382,8 +382,8 @@ class SlowerProcessor:
         self.waited = 0.0  # seconds added so far
         self._sleep = sleep
 
-    def after(self, took: float, work: Optional[float] = None) -> None:
-        extra = self.factor * (took if work is None else work) - took
+    def after(self, took: float, work: float) -> None:
+        extra = self.factor * work - took
         if self.factor > 1 and extra > 0:
             self.waited += extra
             self._sleep(extra)
@@ -485,6 +485,7 @@ class SplitNode(Node):
                 f"node {self.uid}'s batch of {self.sampler.batch_size} samples")
         self.role = ("server" if self.uid == sp.server else "device") if sp.server is not None else "client"
         self.processor = SlowerProcessor(sp.slowdown.get(self.uid, 1.0))
+        self._work_is_cpu = torch.get_num_threads() == 1  # a pass's work is its thread's CPU time (else wall time)
         self.shapes, self.dtype = self._feature_shapes()
         self.sync_expect = {p: describe(float_state(parts[p - 1])) for p in self.plan.partitions}
         self.queue = DataflowQueue(strict=self.plan.strict)
@@ -743,8 +744,8 @@ class SplitNode(Node):
             t0, cpu0 = time.perf_counter(), time.thread_time()
             handler(a)
             took, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
-        if a.kind in SLOWED:  # one torch thread: the pass's work is this thread's CPU time
-            self.processor.after(took, cpu if torch.get_num_threads() == 1 else took)
+        if a.kind in SLOWED:
+            self.processor.after(took, cpu if self._work_is_cpu else took)
 
     def _produce(self, a: Action) -> None:
         for tok, dest in self.plan.outputs(a):

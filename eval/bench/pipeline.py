@@ -121,6 +121,16 @@ class Bench:
         self.steps = -(-samples // 32)
         self.profile = None  # split_profile.Profile of the workload, measured once
 
+    def profiled(self):
+        """The workload's config with every micro-batch count and sizing (the planner's
+        candidates) and its profile, measured on the first call."""
+        from dflsplit.node.split_profile import profile_run
+
+        cfg = load_config(self.path, ["split.micro_batches=auto", "split.micro_sizes=auto"])
+        if self.profile is None:
+            self.profile = profile_run(cfg)  # every size of every sizing
+        return cfg, self.profile
+
     def run(self, overrides: list[str]) -> dict:
         """One run; its epoch time, the devices' idle, upload rate and the config it ran."""
         self.port = free_base_port(DEVICES + 2, self.port + 40)
@@ -158,6 +168,12 @@ def links(bench: Bench, in_run: dict | None) -> None:
                      f"sender's publishing time, split 1, M=4 run")
 
 
+def targets(speed: float, idle: float, sep: str) -> str:
+    """The issue's verdicts on an M=4 run against M=1: its speed-up and the devices' idle cut."""
+    return (f"(target >= 1.5x: {'met' if speed >= 1.5 else 'NOT met'}){sep}device idle {idle:.0%} lower "
+            f"(target >= 30 %: {'met' if idle >= 0.30 else 'NOT met'})")
+
+
 def fmt(r: dict) -> str:
     return f"epoch {r['epoch']:6.2f} s, device idle {r['idle']:6.2f} s (run {r['wall']:.0f} s)"
 
@@ -181,9 +197,7 @@ def pipeline(bench: Bench, sweep: dict) -> dict:
         for name, run in (("M=4", four), ("M=4 tapered", tapered)):
             speed = one["epoch"] / run["epoch"]
             idle = 1 - run["idle"] / one["idle"]
-            lines.append(f"    {name} is {speed:.2f}x faster than M=1 (target >= 1.5x: "
-                         f"{'met' if speed >= 1.5 else 'NOT met'}); device idle {idle:.0%} lower (target >= 30 %: "
-                         f"{'met' if idle >= 0.30 else 'NOT met'})")
+            lines.append(f"    {name} is {speed:.2f}x faster than M=1 " + targets(speed, idle, "; "))
         floor_lines(bench, split, one, {"even": four, "tapered": tapered})
         if split == 1:
             out = four
@@ -195,13 +209,9 @@ def floor_lines(bench: Bench, split: int, one: dict, fours: dict) -> None:
     (`split_profile.step_floor` for each step, then `sync_floor`), from the profiler's
     measurements of this machine, against the measured epochs; and the ceiling it puts on
     M=4's speed-up over the measured M=1."""
-    from dflsplit.node.split_profile import (epoch_floor, least_epoch_floor, profile_run, simulate_config, step_floor,
-                                            sync_floor)
+    from dflsplit.node.split_profile import epoch_floor, least_epoch_floor, simulate_config, step_floor, sync_floor
 
-    cfg = load_config(bench.path, ["split.micro_batches=auto", "split.micro_sizes=auto"])
-    if bench.profile is None:
-        bench.profile = profile_run(cfg)  # every size of every sizing
-    pr = bench.profile
+    cfg, pr = bench.profiled()
     floors = {}
     for m, sizing, run in ((1, "even", one), *((4, sizing, run) for sizing, run in fours.items())):
         floors[(m, sizing)] = epoch = epoch_floor(cfg, pr, split, m, bench.steps, sizing)
@@ -306,12 +316,10 @@ def devices_row(bench: Bench, factors: list[int]) -> None:
     with the floors and the simulation from the profile slowed alike."""
     import copy
 
-    from dflsplit.node.split_profile import epoch_floor, profile_run, simulate_config
+    from dflsplit.node.split_profile import epoch_floor, simulate_config
 
     lines = bench.lines
-    cfg = load_config(bench.path, ["split.micro_batches=auto", "split.micro_sizes=auto"])
-    if bench.profile is None:
-        bench.profile = profile_run(cfg)
+    cfg, _ = bench.profiled()
     rates = {split: device_gflops(bench, split) for split in (1, 2)}
     lines.append("devices: the devices (nodes 0-3) emulate a processor k times slower than this machine's "
                  "(split.slowdown: each pass lasts k times its CPU time here, the wait holding no core), the server "
@@ -335,10 +343,8 @@ def devices_row(bench: Bench, factors: list[int]) -> None:
                 floor = epoch_floor(cfg, profile, split, 4, bench.steps, sizing)
                 sim = simulate_config(cfg, profile, split, 4, bench.steps, sizing).seconds
                 speed, idle = one["epoch"] / four["epoch"], 1 - four["idle"] / one["idle"]
-                parts.append(f"M=4 {sizing} {four['epoch']:5.2f} s: {speed:.2f}x (target >= 1.5x: "
-                             f"{'met' if speed >= 1.5 else 'NOT met'}), device idle {idle:.0%} lower (target >= 30 %: "
-                             f"{'met' if idle >= 0.30 else 'NOT met'}), floor to floor {floor1 / floor:.2f}x, "
-                             f"simulated {sim1 / sim:.2f}x")
+                parts.append(f"M=4 {sizing} {four['epoch']:5.2f} s: {speed:.2f}x " + targets(speed, idle, ", ")
+                             + f", floor to floor {floor1 / floor:.2f}x, simulated {sim1 / sim:.2f}x")
             lines.append(f"  k={k:<2} (devices at {rates[split] / k:4.1f} GFLOP/s) split {split}: M=1 "
                          f"{one['epoch']:5.2f} s (idle {one['idle']:5.2f} s); " + "; ".join(parts))
             print(lines[-1], flush=True)
