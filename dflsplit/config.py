@@ -284,14 +284,19 @@ class SplitConfig:
                    "strict: in its schedule's order, rows in order (rule 6 is checked accordingly)")
     workers: int = key(1, "compute threads of a split node: actions of different owners' pipelines (a server's "
                           "devices) run at once, one thread each; each owner's stay in order (relaxed order)", gt=0)
+    preempt: bool = key(
+        True, "relaxed order: a client's backwards that no peer waits for (a device's, down to partition 1) run on a "
+              "thread of their own, so that a pass a peer waits for never waits behind one (an emulated slower "
+              "processor pauses that backward meanwhile)")
     checkpoint: bool = key(False, "keep only a partition's input and recompute its activations in backward")
     mode: Literal["parallel", "relay"] = key(
         "parallel", "parallel: every owner trains every step; relay: owners take turns of one sync period")
     profile_repeats: int = key(3, "with split or micro_batches auto: timings per measurement of the profiler", gt=0)
     slowdown: dict[int, float] = key(
         doc="node uid -> how many times slower than this machine that node computes (emulated: each forward, "
-            "backward and update lasts that many times its CPU time here, the added wait off the cores the "
-            "nodes share), as a device slower than the server; the profiler plans with it",
+            "backward and update lasts that many times its CPU time here, the least of its kind and size so "
+            "far, the added wait off the cores the nodes share), as a device slower than the server; the "
+            "profiler plans with it",
         factory=dict, ge=1)
     save_model: bool = key(False, "each node writes its final model to split_model_<uid>.safetensors")
     trace: bool = key(False, "each node writes its timeline (compute actions, uplink, arrivals) to "

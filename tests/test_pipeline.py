@@ -340,6 +340,35 @@ def test_a_slow_device_answers_the_server_before_its_own_backward():
     assert {e.priority[1] for c in strict for e in PipelineSchedule(strict).ordered(c, 0)} == {False}
 
 
+def test_a_slow_devices_background_backward_lets_the_head_go_first_on_its_one_processor():
+    """split.preempt: with devices 4 times slower (split 1, M=4), a device's partition 1
+    backwards run on a background thread that pauses while the head's passes run, so the
+    server gets its gradients sooner and the simulated step is shorter; the device is still
+    one processor (its busy time is its work: no two passes progress at once) and the step
+    floor still holds. Strict order, the server and a client whose passes feed no peer
+    keep one thread."""
+    links = {u: Link(1, 1, 1e4, 2.5e4) for u in range(4)} | {4: Link(0, 0, UNLIMITED, UNLIMITED)}
+    profile = linear_profile(links, P=4, slowdown={u: 4.0 for u in range(4)})
+    m = StageMapping(device_server_rows(5, 5, 4, 1), 4)
+
+    def schedule(preempt, **kw):
+        return PipelineSchedule({c: SplitPlan(m, c, 4, sync="none", schedule="1f1b", trainers=[1, 2, 3, 4],
+                                              preempt=preempt, **kw) for c in range(1, 6)})
+
+    on, off = (simulate(schedule(p), profile, steps=2) for p in (True, False))
+    assert on.seconds < 0.97 * off.seconds
+    work = 2 * 4 * (F[0] + B[0] + U[0] + 2 * (F[0] + B[0]) + U[0])  # 2 steps of partitions 1 and 4, 4x slower
+    assert on.busy[1] == pytest.approx(work) and off.busy[1] == pytest.approx(work)
+    assert on.seconds / 2 >= step_floor(profile, 1, 4, device=0, server=4, devices=4).seconds
+    plans = schedule(True).plans
+    assert [plans[c].preempts for c in range(1, 6)] == [True] * 4 + [False]
+    assert [plans[1].background(Action("bwd", 0, 1, p, 0)) for p in (1, 4)] == [True, False]
+    assert not plans[1].background(Action("fwd", 0, 1, 1, 0))
+    assert not any(schedule(True, strict=True).plans[c].preempts for c in range(1, 6))
+    alone = StageMapping([["1_1", "1_2", "1_3", "1_4", "1_5", "1_6"]], 3)
+    assert not SplitPlan(alone, 1, 4, sync="none", preempt=True).preempts
+
+
 def test_planner_keeps_the_shortest_simulated_epoch(tmp_path):
     cfg = load_config(pipar_config(tmp_path, split="auto", micro_batches="auto", aggregation_frequency=0))
     slow = {u: Link(1, 1, 1e4, 1e4) for u in range(4)} | {4: Link(0, 0, UNLIMITED, UNLIMITED)}

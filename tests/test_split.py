@@ -533,21 +533,25 @@ def test_device_server_mode_trains_every_sample_once_per_epoch_and_writes_result
     check_trace(Path(summary["machine_dir"]), epoch, workers)
 
 
-def check_trace(folder: Path, epoch: int, workers: int = 1) -> None:
+def check_trace(folder: Path, epoch: int, workers: int = 1, rounds: int = 2) -> dict:
     """split.trace: every node's timeline, merged into trace.json: a compute track per
-    worker (a device has one: its one pipeline) that never overlaps itself, with every
-    forward the schedule has (2 epochs x `epoch` steps x 4 micro-batches; a device
-    forwards partitions 1 and 4 of its pipeline, the server partitions 2 and 3 of the four
-    devices'), and each device's uplink carrying its activations and its gradients. With
-    several workers the server's tracks overlap, never with the same owner's actions."""
+    thread (a device has two: its pipeline and the background thread of its partition 1
+    backwards, split.preempt) that never overlaps itself, with every forward the schedule
+    has (`rounds` epochs x `epoch` steps x 4 micro-batches; a device forwards partitions 1 and 4
+    of its pipeline, the server partitions 2 and 3 of the four devices'), and each
+    device's uplink carrying its activations and its gradients. With several workers the
+    server's tracks overlap, never with the same owner's actions; a device's overlap only
+    as a partition 1 backward beside an action of partition 4. Returns each device's
+    overlapping pairs."""
     merged = json.loads((folder / "trace.json").read_text())["traceEvents"]
+    overlaps = {}
     names = {e["pid"]: e["args"]["name"] for e in merged if e["name"] == "process_name"}
     assert names == {u: f"node {u} (client {u + 1}, {'server' if u == 4 else 'device'})" for u in range(5)}
     for u in range(5):
         own = json.loads((folder / f"trace_{u}.json").read_text())["traceEvents"]
         assert [e for e in merged if e["pid"] == u] == own
         tracks = {e["tid"] for e in own if e["name"] == "thread_name" and e["args"]["name"].startswith("compute")}
-        assert len(tracks) == (workers if u == 4 else 1)
+        assert len(tracks) == (workers if u == 4 else 2)
         spans = sorted((e for e in own if e["ph"] == "X" and e["tid"] in tracks), key=lambda e: e["ts"])
         for tid in tracks:  # a worker computes one action at a time
             mine = [e for e in spans if e["tid"] == tid]
@@ -558,14 +562,21 @@ def check_trace(folder: Path, epoch: int, workers: int = 1) -> None:
                 if b["ts"] + 1 >= a["ts"] + a["dur"]:
                     break
                 at_once.append((a, b))
-        assert all(a["args"]["owner"] != b["args"]["owner"] for a, b in at_once)  # an owner's: one at a time
-        assert bool(at_once) == (u == 4 and workers > 1)
+        if u == 4:
+            assert all(a["args"]["owner"] != b["args"]["owner"] for a, b in at_once)  # an owner's: one at a time
+            assert bool(at_once) == (workers > 1)
+        else:
+            for pair in at_once:
+                assert sorted((e["args"]["kind"], e["args"]["partition"]) for e in pair)[0] == ("bwd", 1), pair
+                assert sorted(e["args"]["partition"] for e in pair) == [1, 4], pair
+            overlaps[u] = at_once
         forwards = [e for e in spans if e["args"]["kind"] == "fwd"]
-        assert len(forwards) == 2 * epoch * 4 * (2 if u < 4 else 2 * 4)
+        assert len(forwards) == rounds * epoch * 4 * (2 if u < 4 else 2 * 4)
         if u < 4:
             sent = [e["name"] for e in own if e["ph"] == "X" and e["tid"] == 2]
-            assert sum(k.startswith("split/x/act/") for k in sent) == 2 * epoch * 4
-            assert sum(k.startswith("split/x/grad/") for k in sent) == 2 * epoch * 4
+            assert sum(k.startswith("split/x/act/") for k in sent) == rounds * epoch * 4
+            assert sum(k.startswith("split/x/grad/") for k in sent) == rounds * epoch * 4
+    return overlaps
 
 
 def test_a_slower_processor_waits_its_factor_less_one_times_each_pass():
@@ -580,6 +591,63 @@ def test_a_slower_processor_waits_its_factor_less_one_times_each_pass():
     slow.after(0.05, 0.02)  # a pass slowed here by other load: it lasts 3x its work, 0.06 s in all
     slow.after(0.07, 0.02)  # slowed past that: nothing added
     assert waits == pytest.approx([0.02, 0.5, 0.01])
+    waits.clear()
+    for work in (0.02, 0.01, 0.03):  # passes of one key: each lasts 3x the least work so far
+        slow.after(work, work, key=("fwd", 1, 1, 8))  # (the third 0.03 s: it took that, nothing added)
+    slow.after(0.03, 0.03, key=("fwd", 1, 1, 7))  # another size: its own
+    assert waits == pytest.approx([0.04, 0.02, 0.06])
+
+
+def test_a_background_backward_runs_beside_the_passes_of_other_partitions_only():
+    """split.preempt: a device's partition 1 backward runs on a thread of its own beside a
+    pass of its partition 4 (or that partition's sync), never beside another action on
+    partition 1, and one at a time; the other actions keep their one thread."""
+    def background(a):
+        return a.kind == "bwd" and a.partition == 1
+
+    b1, b1_next = Action("bwd", 0, 1, 1, 0), Action("bwd", 0, 1, 1, 1)
+    head, head_next, f1 = Action("fwd", 0, 1, 4, 1), Action("bwd", 0, 1, 4, 1), Action("fwd", 0, 1, 1, 2)
+    sync1, sync4, send = Action("sync", 0, 0, 1), Action("sync", 0, 0, 4), Action("send", 0, 1, 2, what="act", peer=5)
+    assert may_start(head, [b1], 1, background) and may_start(b1, [head], 1, background)
+    assert not may_start(head, [b1], 1)  # without a background thread: one action at a time
+    assert not may_start(f1, [b1], 1, background)  # the same replica: never at once
+    assert not may_start(b1_next, [b1], 1, background)  # one background pass at a time
+    assert not may_start(head_next, [b1, head], 1, background)  # the pipeline's own thread is busy
+    assert may_start(sync4, [b1], 1, background) and may_start(b1, [sync4], 1, background)
+    assert not may_start(sync1, [b1], 1, background) and not may_start(b1, [sync1], 1, background)
+    assert not may_start(head, [sync4], 1, background) and may_start(send, [b1, head], 1, background)
+
+
+def test_a_background_pass_pauses_while_a_pass_in_front_of_it_runs():
+    """The emulated processor is one: a background pass (3x slower, 0.1 s of work from t=0)
+    makes no progress while a pass in front runs (t=0.15 to 0.3), and so ends 0.15 s
+    later than alone, at 0.45 s; the time added is each pass's own, not the pause."""
+    from dflsplit.node.split import SlowerProcessor
+
+    now, sleeps = [0.0], []
+    slow = SlowerProcessor(3, sleep=lambda s: sleeps.append(s) or interrupt(s), clock=lambda: now[0])
+
+    def interrupt(seconds):  # the front pass starts during the background pass's first wait
+        start = now[0]
+        if len(sleeps) == 1:
+            now[0] = 0.15
+            front = slow.begin()
+            now[0] += 0.05
+            slow.after(0.05, 0.05, front)  # waits 0.1 s more, inside this one
+        now[0] = max(now[0], start + seconds)
+
+    back = slow.begin(background=True)
+    now[0] = 0.1
+    slow.after(0.1, 0.1, back)
+    assert now[0] == pytest.approx(0.45)
+    assert sleeps == pytest.approx([0.2, 0.1, 0.15])  # its own wait, the front's, the pause
+    assert slow.waited == pytest.approx(0.2 + 0.1)
+    alone = SlowerProcessor(3, sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
+    now[0] = 0.0
+    ticket = alone.begin(background=True)
+    now[0] = 0.1
+    alone.after(0.1, 0.1, ticket)
+    assert now[0] == pytest.approx(0.3) and alone.waited == pytest.approx(0.2)
 
 
 @pytest.mark.slow
@@ -587,10 +655,14 @@ def test_emulated_slow_devices_train_the_same_model_and_count_the_added_time(tmp
     """split.slowdown makes devices 0 and 1 compute 3 times slower: the weights still equal
     the unsplit run's, only they report added time, and it is inside their passes' time
     (a pass whose work took w of a core here lasts 3w; its wall time here is at least w,
-    so the wait is at most 2w, two thirds of the pass)."""
-    cfg = device_server_config(tmp_path, base_port, "split.slowdown={0: 3, 1: 3}", "run.rounds=1")
-    run_experiment(cfg, tmp_path / "run")
+    so the wait is at most 2w, two thirds of the pass). Their partition 1 backwards, on
+    the background thread (split.preempt), run beside the head's passes."""
+    cfg = device_server_config(tmp_path, base_port, "split.slowdown={0: 3, 1: 3}", "run.rounds=1",
+                               "split.trace=true")
+    summary = run_experiment(cfg, tmp_path / "run")
     assert_matches_reference(cfg, tmp_path / "run", split_timeline(cfg)[0])
+    overlaps = check_trace(Path(summary["machine_dir"]), split_timeline(cfg)[0], rounds=1)
+    assert overlaps[0] and overlaps[1]
     records = records_of(tmp_path / "run", 5)
     for u, rs in records.items():
         added = rs[0]["slowdown_seconds"]

@@ -28,10 +28,16 @@ is on the wire. A payload is released as soon as the action that needs it ran. W
 (`Workers`): actions of different owners run at once (a server's devices), an owner's one
 at a time, a replica share or sync alone (`split_schedule.may_start`); their outputs are
 made on the executor's thread when they finish, and an error on a worker ends the node.
+With ``split.preempt`` (relaxed order) a client whose passes feed a peer runs its
+backwards that no peer waits for (a device's, down to partition 1) on one more thread,
+so that a pass a peer waits for (the head, the next forward) never waits behind one.
 A node in ``split.slowdown`` emulates a slower processor (a device slower than the
 server, as PiPar's): each forward, backward and update lasts its factor times the
-pass's work here (its thread's CPU time with one torch thread, else its wall time), the
-added wait holding none of the cores the nodes share (`SlowerProcessor`).
+pass's work here (its thread's CPU time with one torch thread, else its wall time; the
+least of any pass of its kind, replica and size so far, so that this machine's load is
+not magnified), the added wait holding none of the cores the nodes share
+(`SlowerProcessor`); it is one processor, on which a background backward pauses while
+another pass runs.
 
 Replica synchronisation at the end of every ``split.sync_every`` steps (or epochs; in
 device/server mode ``split.aggregation_frequency``, and through the server: each device
@@ -73,7 +79,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Hashable, Optional
 
 import torch
 from torch import nn
@@ -89,7 +95,7 @@ from ..sharing import weighted_average
 from ..training import BatchSampler, build_optimizer
 from .base import NODES, Node
 from .split_schedule import (
-    EXCLUSIVE, SCHEDULES, Action, DataflowQueue, PipelineSchedule, SplitPlan, Token, describe_blocked, may_start,
+    SCHEDULES, Action, DataflowQueue, PipelineSchedule, SplitPlan, Token, describe_blocked, may_start,
     micro_sizes,
 )
 
@@ -250,7 +256,7 @@ def build_schedule(cfg, stages, period: int) -> PipelineSchedule:
     trainers = trainers_of(cfg)
     hub = uid_to_client(sp.server) if sp.server is not None else None
     plans = {c: SplitPlan(stages, c, sp.micro_batches, sync, period, relay=sp.mode == "relay", schedule=sp.schedule,
-                          strict=sp.order == "strict", trainers=trainers, hub=hub)
+                          strict=sp.order == "strict", trainers=trainers, hub=hub, preempt=sp.preempt)
              for c in range(1, stages.num_clients + 1)}
     return PipelineSchedule(plans)
 
@@ -327,9 +333,10 @@ class Timeline:
 
     def compute(self, a: Action, partitions: int, worker: int, start: float, end: float) -> None:
         """Action `a`, computed from `start` to `end` by worker `worker`; on worker 0's track
-        also what the executor's own thread computes (only while no worker computes)."""
+        also what the executor's own thread computes (no worker threads)."""
         track = "compute" if worker == 0 else f"compute {worker + 1}"
-        self.span(track, a.label(partitions), start, end, step=a.step, kind=a.kind, owner=a.owner)
+        self.span(track, a.label(partitions), start, end, step=a.step, kind=a.kind, owner=a.owner,
+                  partition=a.partition)
 
     def write(self, path: Path) -> None:
         with self._lock:
@@ -337,10 +344,11 @@ class Timeline:
 
 
 class Workers:
-    """A split node's compute threads (``split.workers`` > 1): each takes the next action
-    handed to `start`, runs it with `run`, and reports to `done` (the node's arrivals queue,
-    so the executor wakes on whichever comes first) ``("done", action, worker, start,
-    end)``, or ``("error", exception)``, which ends the node with its cause."""
+    """A split node's compute threads (``split.workers`` > 1, or ``split.preempt``'s
+    background thread): each takes the next action handed to `start`, runs it with `run`,
+    and reports to `done` (the node's arrivals queue, so the executor wakes on whichever
+    comes first) ``("done", action, worker, start, end)``, or ``("error", exception)``,
+    which ends the node with its cause."""
 
     def __init__(self, count: int, uid: int, run, done: "queue.Queue[tuple]"):
         self._run, self._done = run, done
@@ -372,21 +380,98 @@ class Workers:
 
 class SlowerProcessor:
     """Emulates a processor `factor` times slower than this machine's (``split.slowdown``):
-    a pass whose work took `work` seconds of a core here lasts factor x `work`; `after`
-    waits what the pass's `took` seconds (its wall time here) leave of that. The wait holds
+    a pass whose work took `work` seconds of a core here (the least of its key so far,
+    see `after`) lasts factor x `work`; `after` waits what the pass's `took` seconds (its
+    wall time here) leave of that. The wait holds
     no core: each emulated device has its own processor, as the one it stands for would,
-    and so the other nodes' load on this machine's cores does not slow it."""
+    and so the other nodes' load on this machine's cores does not slow it.
 
-    def __init__(self, factor: float = 1.0, sleep=time.sleep):
+    It is one processor: a pass on the background thread (``split.preempt``) makes no
+    progress while a pass in front of it runs (priority preemption). It ends once it had
+    factor x `work` seconds free of them since it began. Passes bracket their work with
+    `begin` and `after` (`abandon` when they fail)."""
+
+    #: seconds between checks of a background pass waiting for the passes in front of it
+    POLL = 0.5
+
+    def __init__(self, factor: float = 1.0, sleep=time.sleep, clock=time.monotonic):
         self.factor = float(factor)
-        self.waited = 0.0  # seconds added so far
-        self._sleep = sleep
+        self.waited = 0.0  # seconds added to the passes' own time so far (not their pauses)
+        self._sleep, self._clock = sleep, clock
+        self._cond = threading.Condition()
+        self._tickets = itertools.count()
+        self._back: dict[int, tuple[float, float]] = {}  # background ticket -> (began, `_front_time` then)
+        self._front: set[int] = set()  # passes in front that run now
+        self._front_total = 0.0  # seconds with a pass in front running, up to `_front_since`
+        self._front_since = 0.0
+        self._least: dict[Hashable, float] = {}  # pass key -> the least work it took
 
-    def after(self, took: float, work: float) -> None:
-        extra = self.factor * work - took
-        if self.factor > 1 and extra > 0:
-            self.waited += extra
-            self._sleep(extra)
+    def begin(self, background: bool = False) -> int:
+        """A pass starts (on the background thread or not); the ticket to give `after`."""
+        with self._cond:
+            ticket = next(self._tickets)
+            if self.factor > 1:
+                now = self._clock()
+                if background:
+                    self._back[ticket] = (now, self._front_time(now))
+                else:
+                    if not self._front:
+                        self._front_since = now
+                    self._front.add(ticket)
+            return ticket
+
+    def after(self, took: float, work: float, ticket: Optional[int] = None, key: Hashable = None) -> None:
+        """The pass of `ticket` did its `work` in `took` seconds: wait out the rest of its
+        emulated time (a background pass: until it had factor x `work` seconds free of the
+        passes in front of it). With a `key` (the pass's kind, replica and rows) the work is
+        the least any pass of that key did so far: the emulated processor's speed does not
+        follow this machine's load (other nodes, other tenants), which factor would magnify."""
+        if self.factor <= 1:
+            return
+        if key is not None:
+            with self._cond:
+                work = self._least[key] = min(self._least.get(key, work), work)
+        if ticket is None or ticket not in self._back:
+            extra = self.factor * work - took
+            if extra > 0:
+                with self._cond:
+                    self.waited += extra
+                self._sleep(extra)
+            if ticket is not None:
+                self.abandon(ticket)
+            return
+        with self._cond:
+            began, front0 = self._back.pop(ticket)
+            need = self.factor * work
+            self.waited += max(0.0, need - took)  # its own added time; a pause is the others' passes
+            while True:
+                now = self._clock()
+                left = need - (now - began - (self._front_time(now) - front0))
+                if left <= 0:
+                    break
+                if self._front:  # no progress while a pass in front runs
+                    self._cond.wait(self.POLL)
+                    continue
+                self._cond.release()
+                try:
+                    self._sleep(left)
+                finally:
+                    self._cond.acquire()
+
+    def abandon(self, ticket: int) -> None:
+        """The pass of `ticket` ended (or failed): it no longer holds the processor."""
+        with self._cond:
+            self._back.pop(ticket, None)
+            if ticket in self._front:
+                now = self._clock()
+                self._front_total = self._front_time(now)
+                self._front_since = now
+                self._front.discard(ticket)
+                self._cond.notify_all()
+
+    def _front_time(self, now: float) -> float:
+        """Seconds so far with at least one pass in front running (caller holds the lock)."""
+        return self._front_total + (now - self._front_since if self._front else 0.0)
 
 
 class Sender:
@@ -490,9 +575,12 @@ class SplitNode(Node):
         self.sync_expect = {p: describe(float_state(parts[p - 1])) for p in self.plan.partitions}
         self.queue = DataflowQueue(strict=self.plan.strict)
         self.num_workers = self.plan.workers(sp.workers)
+        background = self.plan.background if self.plan.preempts else None
+        self.threads = self.num_workers + (background is not None)  # compute threads: workers and background
         self.running: list[Action] = []  # actions the workers compute now
         self.workers: Optional[Workers] = None
-        self._may_start = (lambda a: may_start(a, self.running, self.num_workers)) if self.num_workers > 1 else None
+        self._may_start = ((lambda a: may_start(a, self.running, self.num_workers, background))
+                           if self.threads > 1 else None)
         for tok in self.plan.initial_tokens():
             self.queue.produce(tok)
         self.inbox: dict[Token, Any] = {}
@@ -607,10 +695,10 @@ class SplitNode(Node):
     # lifecycle ---------------------------------------------------------------------------------
     def run(self) -> None:
         self.timeline = Timeline(self.uid, f"node {self.uid} (client {self.client}, {self.role})",
-                                 self.num_workers) if self.cfg.split.trace else None
+                                 self.threads) if self.cfg.split.trace else None
         self.sender = Sender(self.transport, self.uid, self.timeline)
-        if self.num_workers > 1:
-            self.workers = Workers(self.num_workers, self.uid, self._compute, self.arrivals)
+        if self.threads > 1:
+            self.workers = Workers(self.threads, self.uid, self._compute, self.arrivals)
         self._receiver = threading.Thread(target=self._receive_loop, name=f"split-recv-{self.uid}", daemon=True)
         self._receiver.start()
         try:
@@ -656,7 +744,7 @@ class SplitNode(Node):
             peak = max(peak, len(self.saved))
             action = self.queue.pop(self._may_start)
             if action is not None:
-                if self.workers is not None and action.kind not in ("send", "recv", *EXCLUSIVE):
+                if self.workers is not None and action.kind not in ("send", "recv"):
                     self.running.append(action)  # computed by a worker; `_done` takes its outputs
                     self.workers.start(action)
                 else:
@@ -737,15 +825,24 @@ class SplitNode(Node):
 
     def _compute(self, a: Action) -> None:
         """A compute action's handler, with a core of the process (several nodes per
-        process), never while waiting; on a worker thread with ``split.workers`` > 1."""
+        process), never while waiting; on a worker thread with ``split.workers`` > 1 or a
+        background thread (``split.preempt``)."""
         handler = {"fwd": self._forward, "bwd": self._backward, "step": self._step, "share": self._share_out,
                    "sync": self._sync}[a.kind]
+        if a.kind not in SLOWED:
+            with self.compute:
+                handler(a)
+            return
         with self.compute:
-            t0, cpu0 = time.perf_counter(), time.thread_time()
-            handler(a)
-            took, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
-        if a.kind in SLOWED:
-            self.processor.after(took, cpu if self._work_is_cpu else took)
+            ticket = self.processor.begin(self.plan.background(a))
+            try:
+                t0, cpu0 = time.perf_counter(), time.thread_time()
+                rows = handler(a)
+                took, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
+            except BaseException:
+                self.processor.abandon(ticket)
+                raise
+        self.processor.after(took, cpu if self._work_is_cpu else took, ticket, (a.kind, a.owner, a.partition, rows))
 
     def _produce(self, a: Action) -> None:
         for tok, dest in self.plan.outputs(a):
@@ -764,7 +861,8 @@ class SplitNode(Node):
         (self.inbox if dest == self.client else self.outbox)[token] = value
 
     # actions -------------------------------------------------------------------------------------
-    def _forward(self, a: Action) -> None:
+    def _forward(self, a: Action) -> int:
+        """Partition p's forward of micro-batch m (the loss at the last); its rows."""
         t, o, p, m = a.step, a.owner, a.partition, a.micro
         rep = self.replicas[(o, p)]
         if p == 1:
@@ -779,7 +877,7 @@ class SplitNode(Node):
         if p < self.P:
             self.saved[(t, o, p, m)] = (x, out)
             self._hand_on(("act", t, o, p + 1, m), out.detach(), self.stages.runner(o, p + 1))
-            return
+            return x.shape[0]
         idx = self.batches[t][m]
         if out.shape[0] != len(idx):
             sender = self._source(("net_act", t, o, p, m)) or "this client"
@@ -788,8 +886,10 @@ class SplitNode(Node):
         loss = nn.functional.cross_entropy(out, self.data.train_y[idx], reduction="sum") / self.batch_sizes[t]
         self.losses[t] += loss.item()
         self.saved[(t, o, p, m)] = (x, loss)
+        return x.shape[0]
 
-    def _backward(self, a: Action) -> None:
+    def _backward(self, a: Action) -> int:
+        """Partition p's backward of micro-batch m; its rows."""
         t, o, p, m = a.step, a.owner, a.partition, a.micro
         x, out = self.saved.pop((t, o, p, m))
         if p == self.P:
@@ -804,6 +904,7 @@ class SplitNode(Node):
         if p > 1:
             g = x.grad if x.grad is not None else torch.zeros_like(x)
             self._hand_on(("grad", t, o, p - 1, m), g, self.stages.runner(o, p - 1))
+        return x.shape[0]
 
     def _send(self, a: Action) -> None:
         """An activation or gradient to its peer; in parts over ``split.chunk_bytes`` (keys

@@ -16,8 +16,10 @@
 
 `simulate` runs the run's own schedule (`split_schedule.PipelineSchedule`, the lists the
 nodes execute) in time: every client computes with the measured durations, one action at
-a time, or with ``split.workers`` several of different owners at once
-(`split_schedule.may_start`); a payload first holds its sender's uplink, then its
+a time, or with ``split.workers`` several of different owners at once, and with
+``split.preempt`` its background backward beside them (`split_schedule.may_start`; on a
+slower processor that backward pauses while another pass runs, as `split.SlowerProcessor`
+emulates); a payload first holds its sender's uplink, then its
 receiver's downlink (what the emulated links do: the sender's token bucket, then the
 receiver's), each a queue of its own; a sender's queue lets gradients pass activations,
 and both pass replica shares, as the nodes' `split.Sender` does. `choose` simulates one
@@ -381,6 +383,10 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: 
     busy = dict.fromkeys(clients, 0.0)
     waiting_since = dict.fromkeys(clients, 0.0)  # who waits longest for a core goes first
     threads = {c: plans[c].workers(workers) for c in clients}
+    background = {c: plans[c].background if plans[c].preempts else None for c in clients}
+    # an emulated processor is one: a background pass pauses while a pass in front runs
+    front_until = dict.fromkeys(clients, 0.0)  # until when a pass in front runs
+    owed: dict = {}  # a running background pass -> seconds it was paused, not yet added to its end
     running: dict[int, list] = {c: [] for c in clients}
     held = dict.fromkeys(clients, 0)  # a client's actions holding a core; busy counts its time with any
     busy_since = dict.fromkeys(clients, 0.0)
@@ -407,7 +413,7 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: 
     while True:
         for c in sorted(clients, key=lambda c: (waiting_since[c], c)):
             def allowed(a, c=c):
-                return may_start(a, running[c], threads[c])
+                return may_start(a, running[c], threads[c], background[c])
             while (a := queues[c].peek(allowed)) is not None:
                 d = _duration(profile, micro_sizes(profile.batch, plans[c].M, sizing), a, uid[c])
                 if d > 0 and computing >= slots:
@@ -422,6 +428,15 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: 
                     if core < d:
                         heapq.heappush(events, (now + core, seq, "released", None))
                         seq += 1
+                if d > 0 and background[c] is not None and profile.speed(uid[c]) > 1:
+                    if background[c](a):
+                        owed[a] = max(0.0, front_until[c] - now)
+                    else:
+                        paused = now + d - max(now, front_until[c])
+                        front_until[c] = max(front_until[c], now + d)
+                        for b in running[c]:
+                            if b in owed:
+                                owed[b] += paused
                 running[c].append(a)
                 heapq.heappush(events, (now + d, seq, "done", (c, a, d > 0, core >= d)))
                 seq += 1
@@ -434,6 +449,12 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: 
             computing -= 1
         elif kind == "done":
             c, a, compute, core = data
+            if owed.get(a, 0.0) > 0:  # paused meanwhile: it ends that much later
+                heapq.heappush(events, (now + owed[a], seq, "done", data))
+                seq += 1
+                owed[a] = 0.0
+                continue
+            owed.pop(a, None)
             running[c].remove(a)
             if compute:
                 computing -= core

@@ -33,9 +33,11 @@ and names what waits for what from whom when it would. The executor (`split.Spli
 runs the lists: with ``order: relaxed`` any action whose tokens are there, the list's
 order as priority within a step, except that a backward no other client waits for (a
 device's backward chain down to partition 1) yields to the step's other ready actions,
-which feed a peer (`SplitPlan.local_only`: a slow device then answers the server first);
-with ``order: strict`` the list in order, each action waiting for its predecessor. A
-strict list also keeps, for every micro-batch, the row order of the stage
+which feed a peer (`SplitPlan.local_only`: a slow device then answers the server first),
+and with ``split.preempt`` runs on a background thread of its own, so that a pass a peer
+waits for never waits behind it (`SplitPlan.background`, `may_start`); with ``order:
+strict`` the list in order, each action waiting for its predecessor. A strict list also
+keeps, for every micro-batch, the row order of the stage
 configuration, so rule 6 (strict) of the stage validator is exactly the condition
 for it to exist. Every dependency between steps goes forwards in time (a replica's sync
 at step t before its forwards of step t+1), so steps that complete one by one complete
@@ -160,22 +162,34 @@ class Scheduled:
 EXCLUSIVE = ("share", "sync")
 
 
-def may_start(action: Action, running: Collection[Action], workers: int) -> bool:
+def may_start(action: Action, running: Collection[Action], workers: int,
+              background: Optional[Callable[[Action], bool]] = None) -> bool:
     """Whether a client with `workers` compute threads, running `running`, may start
     `action` now. One thread: nothing else running. Several: sends and receives at any time
     (bookkeeping of the executor's own thread); a replica share or sync alone; any other
     action on a free thread while no action of its owner runs (an owner's passes, loss and
-    gradient accumulation stay on one thread at a time, in the schedule's order)."""
-    if workers <= 1:
+    gradient accumulation stay on one thread at a time, in the schedule's order).
+    `background` (``split.preempt``, `SplitPlan.background`): the actions that run on a
+    thread of their own beside those, one at a time, never beside an action on the same
+    replica (owner, partition) or a share or sync of the same partition."""
+    if workers <= 1 and background is None:
         return not running
     if action.kind in ("send", "recv"):
         return True
     computing = [a for a in running if a.kind not in ("send", "recv")]
-    if any(a.kind in EXCLUSIVE for a in computing):
-        return False
+    behind = background or (lambda a: False)
+    back = [a for a in computing if behind(a)]
+    front = [a for a in computing if not behind(a)]
+    replica = (action.owner, action.partition)
+    if behind(action):
+        return not back and all((a.owner, a.partition) != replica and (a.kind not in EXCLUSIVE or a.partition
+                                                                       != action.partition) for a in front)
     if action.kind in EXCLUSIVE:
-        return not computing
-    return len(computing) < workers and all(a.owner != action.owner for a in computing)
+        return not front and all(a.partition != action.partition for a in back)
+    if any(a.kind in EXCLUSIVE for a in front):
+        return False
+    return (len(front) < workers and all(a.owner != action.owner for a in front)
+            and all((a.owner, a.partition) != replica for a in back))
 
 
 def describe_token(token: Token) -> str:
@@ -307,7 +321,8 @@ class SplitPlan:
     ``relay``: owners take turns of ``sync_period`` steps; with fedavg weighted by samples
     the trained weights pass on. ``trainers``: the owners that hold data (default: all);
     the others' pipelines never run (a device/server run's server). ``strict``: the list
-    keeps the row order for every micro-batch (``order: strict``).
+    keeps the row order for every micro-batch (``order: strict``). ``preempt``: backwards
+    no peer waits for run on a background thread (`background`, ``split.preempt``).
     """
 
     def __init__(
@@ -322,6 +337,7 @@ class SplitPlan:
         strict: bool = False,
         trainers: Optional[Iterable[int]] = None,
         hub: Optional[int] = None,
+        preempt: bool = False,
     ):
         if micro_batches < 1 or sync_period < 1:
             raise ValueError("micro_batches and sync_period must be >= 1")
@@ -346,11 +362,26 @@ class SplitPlan:
             self.local_owners[p].append(o)
         self.partitions: list[int] = sorted(self.local_owners)
         self.partners: dict[int, list[int]] = {p: self._partners(p) for p in self.partitions}
+        run = [(o, p) for o, p in self.hosted if o in self.trainers]  # the pipelines that run
+        self.preempts: bool = preempt and not strict and self._feeds_peer(run) and any(
+            self.local_only(Action("bwd", 0, o, p, 0)) for o, p in run)
 
     def workers(self, requested: int) -> int:
         """Compute threads this client uses of `requested` (``split.workers``): at most one
         per owner whose partitions it runs (see `may_start`), and one in strict order."""
         return 1 if self.strict else max(1, min(requested, len({o for o, _ in self.hosted})))
+
+    def background(self, a: Action) -> bool:
+        """Whether `a` runs on this client's background thread (``split.preempt``): a
+        backward no peer waits for (`local_only`), on a client whose other passes feed a
+        peer, which then never wait behind it (with a slower processor emulated, the
+        background pass pauses while they run: `split.SlowerProcessor`)."""
+        return self.preempts and self.local_only(a)
+
+    def _feeds_peer(self, hosted: list[tuple[int, int]]) -> bool:
+        runner, me = self.stages.runner, self.client
+        return any((p < self.P and runner(o, p + 1) != me) or (p > 1 and runner(o, p - 1) != me)
+                   for o, p in hosted)
 
     def _partners(self, p: int) -> list[int]:
         runners = set(self.stages.replicas(p).values()) - {self.client}
