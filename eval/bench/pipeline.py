@@ -41,11 +41,13 @@ Rows:
   whether a heavier or lighter model lets M=4 reach 1.5x on this machine.
 * ``devices``: PiPar's devices are slower than its server; here the devices emulate a
   processor k times slower than this machine's (``split.slowdown``, k of ``--slowdowns``:
-  each pass lasts k times its CPU time here, the added wait holding none of the shared cores),
-  the server runs at this machine's speed. Splits 1 and 2, M=1 against M=4 (1f1b, even
-  and tapered sizes), with the floor-to-floor and simulated ratios from the profile slowed
-  alike, and this machine's rate on a device's passes (FLOPs from torch's
-  FlopCounterMode over the profiled time) to put k in GFLOP/s. Same targets.
+  each pass lasts k times the least CPU time a pass of its kind and size took here, the
+  added wait holding none of the shared cores), the server runs at this machine's speed.
+  Splits 1 and 2, M=1 against M=4 (1f1b, even and tapered sizes), with the floor-to-floor
+  and simulated ratios from the profile slowed alike, M=4 even also without
+  ``split.preempt`` (the baseline: a device's backwards on its pipeline's thread), and
+  this machine's rate on a device's passes (FLOPs from torch's FlopCounterMode over the
+  profiled time) to put k in GFLOP/s. Same targets.
 * ``workers``: split 1, M=4 with one compute thread per node (``split.workers: 1``)
   against two, run one after the other: what the server's second worker gives.
 * ``sweep``: every split (-1, 1, 2) × M (1, 2, 4, 8, 16) with 1f1b, and a run with
@@ -320,11 +322,14 @@ def devices_row(bench: Bench, factors: list[int]) -> None:
 
     lines = bench.lines
     cfg, _ = bench.profiled()
+    serial = copy.deepcopy(cfg)
+    serial.split.preempt = False
     rates = {split: device_gflops(bench, split) for split in (1, 2)}
     lines.append("devices: the devices (nodes 0-3) emulate a processor k times slower than this machine's "
-                 "(split.slowdown: each pass lasts k times its CPU time here, the wait holding no core), the server "
-                 "at this machine's speed; M=1 against M=4 (1f1b); floor to floor and simulated to simulated from "
-                 "the profile slowed alike")
+                 "(split.slowdown: each pass lasts k times the least CPU time a pass of its kind and size took "
+                 "here, the wait holding no core), the server at this machine's speed; M=1 against M=4 (1f1b); "
+                 "floor to floor and simulated to simulated from the profile slowed alike; M=4 even also without "
+                 "split.preempt (a device's backwards down to partition 1 on the pipeline's thread, not their own)")
     lines.append(f"  this machine on a device's passes (FLOPs of forward and backward of a batch, torch's "
                  f"FlopCounterMode, over the profiled time): split 1 {rates[1]:.1f} GFLOP/s, split 2 "
                  f"{rates[2]:.1f} GFLOP/s, one thread")
@@ -345,6 +350,11 @@ def devices_row(bench: Bench, factors: list[int]) -> None:
                 speed, idle = one["epoch"] / four["epoch"], 1 - four["idle"] / one["idle"]
                 parts.append(f"M=4 {sizing} {four['epoch']:5.2f} s: {speed:.2f}x " + targets(speed, idle, ", ")
                              + f", floor to floor {floor1 / floor:.2f}x, simulated {sim1 / sim:.2f}x")
+                if sizing == "even":  # the baseline: every pass on the pipeline's one thread
+                    off = bench.run([*base, "split.micro_batches=4", "split.preempt=false"])
+                    sim_off = simulate_config(serial, profile, split, 4, bench.steps, sizing).seconds
+                    parts.append(f"M=4 even without split.preempt {off['epoch']:5.2f} s: "
+                                 f"{one['epoch'] / off['epoch']:.2f}x, simulated {sim1 / sim_off:.2f}x")
             lines.append(f"  k={k:<2} (devices at {rates[split] / k:4.1f} GFLOP/s) split {split}: M=1 "
                          f"{one['epoch']:5.2f} s (idle {one['idle']:5.2f} s); " + "; ".join(parts))
             print(lines[-1], flush=True)
