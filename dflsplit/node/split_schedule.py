@@ -181,9 +181,9 @@ def may_start(action: Action, running: Collection[Action], workers: int,
     back = [a for a in computing if behind(a)]
     front = [a for a in computing if not behind(a)]
     replica = (action.owner, action.partition)
-    if behind(action):
-        return not back and all((a.owner, a.partition) != replica and (a.kind not in EXCLUSIVE or a.partition
-                                                                       != action.partition) for a in front)
+    if behind(action):  # beside passes of other replicas and shares or syncs of other partitions
+        return not back and all((a.owner, a.partition) != replica
+                                and not (a.kind in EXCLUSIVE and a.partition == action.partition) for a in front)
     if action.kind in EXCLUSIVE:
         return not front and all(a.partition != action.partition for a in back)
     if any(a.kind in EXCLUSIVE for a in front):
