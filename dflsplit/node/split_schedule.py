@@ -379,9 +379,9 @@ class SplitPlan:
         return self.preempts and self.local_only(a)
 
     def _feeds_peer(self, hosted: list[tuple[int, int]]) -> bool:
-        runner, me = self.stages.runner, self.client
-        return any((p < self.P and runner(o, p + 1) != me) or (p > 1 and runner(o, p - 1) != me)
-                   for o, p in hosted)
+        """Whether a forward or backward of `hosted` sends its result to another client."""
+        return any(b.kind == "send" for o, p in hosted for kind in ("fwd", "bwd")
+                   for b, _ in self._transfers(Action(kind, 0, o, p, 0)))
 
     def _partners(self, p: int) -> list[int]:
         runners = set(self.stages.replicas(p).values()) - {self.client}
