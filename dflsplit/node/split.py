@@ -575,7 +575,7 @@ class SplitNode(Node):
         self.sync_expect = {p: describe(float_state(parts[p - 1])) for p in self.plan.partitions}
         self.queue = DataflowQueue(strict=self.plan.strict)
         self.num_workers = self.plan.workers(sp.workers)
-        background = self.plan.background if self.plan.preempts else None
+        background = self.plan.background_rule
         self.threads = self.num_workers + (background is not None)  # compute threads: workers and background
         self.running: list[Action] = []  # actions the workers compute now
         self.workers: Optional[Workers] = None

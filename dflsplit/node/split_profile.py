@@ -383,7 +383,7 @@ def simulate(schedule: PipelineSchedule, profile: Profile, steps: int, workers: 
     busy = dict.fromkeys(clients, 0.0)
     waiting_since = dict.fromkeys(clients, 0.0)  # who waits longest for a core goes first
     threads = {c: plans[c].workers(workers) for c in clients}
-    background = {c: plans[c].background if plans[c].preempts else None for c in clients}
+    background = {c: plans[c].background_rule for c in clients}
     # an emulated processor is one: a background pass pauses while a pass in front runs
     front_until = dict.fromkeys(clients, 0.0)  # until when a pass in front runs
     owed: dict = {}  # a running background pass -> seconds it was paused, not yet added to its end

@@ -378,6 +378,12 @@ class SplitPlan:
         background pass pauses while they run: `split.SlowerProcessor`)."""
         return self.preempts and self.local_only(a)
 
+    @property
+    def background_rule(self) -> Optional[Callable[[Action], bool]]:
+        """`background` for `may_start` when this client preempts, else None (one thread
+        for every pass)."""
+        return self.background if self.preempts else None
+
     def _feeds_peer(self, hosted: list[tuple[int, int]]) -> bool:
         """Whether a forward or backward of `hosted` sends its result to another client."""
         return any(b.kind == "send" for o, p in hosted for kind in ("fwd", "bwd")
