@@ -47,7 +47,11 @@ Rows:
   and simulated ratios from the profile slowed alike, M=4 even also without
   ``split.preempt`` (the baseline: a device's backwards on its pipeline's thread), and
   this machine's rate on a device's passes (FLOPs from torch's FlopCounterMode over the
-  profiled time) to put k in GFLOP/s. Same targets.
+  profiled time) to put k in GFLOP/s. Same targets. For each k also federated training
+  (``split: -1``, the whole model on each slowed device) measured, and the planner's pick
+  (``split_profile.choose`` on the slowed profile, every split × M × sizing): a split is
+  worth running only where it trains faster than federated training, the regime PiPar
+  targets; the row ends with the verdicts there.
 * ``workers``: split 1, M=4 with one compute thread per node (``split.workers: 1``)
   against two, run one after the other: what the server's second worker gives.
 * ``sweep``: every split (-1, 1, 2) × M (1, 2, 4, 8, 16) with 1f1b, and a run with
@@ -70,7 +74,7 @@ shared machine absolute times are noisy, the ratios come from runs minutes apart
 Usage::
 
     python eval/bench/pipeline.py [--rows links,pipeline,workers,sweep,devices,ceiling] [--width 32]
-                                  [--samples 256] [--widths 32,48,64] [--slowdowns 4,8,16] [--out FILE]
+                                  [--samples 256] [--widths 32,48,64] [--slowdowns 4,8,16,32] [--out FILE]
 
 The table goes to eval/bench/results/pipeline.txt.
 """
@@ -318,7 +322,7 @@ def devices_row(bench: Bench, factors: list[int]) -> None:
     with the floors and the simulation from the profile slowed alike."""
     import copy
 
-    from dflsplit.node.split_profile import epoch_floor, simulate_config
+    from dflsplit.node.split_profile import choose, epoch_floor, simulate_config
 
     lines = bench.lines
     cfg, _ = bench.profiled()
@@ -333,10 +337,18 @@ def devices_row(bench: Bench, factors: list[int]) -> None:
     lines.append(f"  this machine on a device's passes (FLOPs of forward and backward of a batch, torch's "
                  f"FlopCounterMode, over the profiled time): split 1 {rates[1]:.1f} GFLOP/s, split 2 "
                  f"{rates[2]:.1f} GFLOP/s, one thread")
+    anything = load_config(bench.path, ["split.split=auto", "split.micro_batches=auto", "split.micro_sizes=auto"])
+    verdicts = []
     for k in factors:
         slow = "{" + ", ".join(f"{u}: {k}" for u in range(DEVICES)) + "}"
         profile = copy.deepcopy(bench.profile)
         profile.slowdown = {u: float(k) for u in range(DEVICES)}
+        fed = bench.run(["split.split=-1", "split.micro_batches=1", f"split.slowdown={slow}"])
+        pick = choose(anything, profile, bench.steps)
+        lines.append(f"  k={k:<2} federated (split -1: the whole model on each device) epoch {fed['epoch']:5.2f} s; "
+                     f"the planner (simulated, every split x M x sizing) picks split {pick.split}, "
+                     f"M={pick.micro_batches} {pick.micro_sizes}")
+        print(lines[-1], flush=True)
         for split in (1, 2):
             base = [f"split.split={split}", f"split.slowdown={slow}"]
             one = bench.run([*base, "split.micro_batches=1"])
@@ -350,6 +362,7 @@ def devices_row(bench: Bench, factors: list[int]) -> None:
                 speed, idle = one["epoch"] / four["epoch"], 1 - four["idle"] / one["idle"]
                 parts.append(f"M=4 {sizing} {four['epoch']:5.2f} s: {speed:.2f}x " + targets(speed, idle, ", ")
                              + f", floor to floor {floor1 / floor:.2f}x, simulated {sim1 / sim:.2f}x")
+                verdicts.append((k, split, sizing, speed, idle, fed["epoch"] / four["epoch"]))
                 if sizing == "even":  # the baseline: every pass on the pipeline's one thread
                     off = bench.run([*base, "split.micro_batches=4", "split.preempt=false"])
                     sim_off = simulate_config(serial, profile, split, 4, bench.steps, sizing).seconds
@@ -358,6 +371,14 @@ def devices_row(bench: Bench, factors: list[int]) -> None:
             lines.append(f"  k={k:<2} (devices at {rates[split] / k:4.1f} GFLOP/s) split {split}: M=1 "
                          f"{one['epoch']:5.2f} s (idle {one['idle']:5.2f} s); " + "; ".join(parts))
             print(lines[-1], flush=True)
+    lines.append("  summary: M=4 against M=1 where M=4 also trains faster than federated training at the same k "
+                 "(the regime PiPar targets: a split is worth running)")
+    for k, split, sizing, speed, idle, over_fed in verdicts:
+        if over_fed > 1:
+            lines.append(f"    k={k:<2} split {split} M=4 {sizing:7s} {speed:.2f}x " + targets(speed, idle, ", ")
+                         + f"; {over_fed:.2f}x faster than federated")
+    if not any(v[-1] > 1 for v in verdicts):
+        lines.append("    none: federated training was the fastest at every k")
 
 
 def workers_row(bench: Bench) -> None:
@@ -413,7 +434,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32, help="channels of the VGG's first block")
     parser.add_argument("--samples", type=int, default=256, help="training samples per device (batch 32)")
     parser.add_argument("--widths", default="32,48,64", help="the ceiling row's VGG widths")
-    parser.add_argument("--slowdowns", default="4,8,16", help="the devices row's factors k (devices k times slower)")
+    parser.add_argument("--slowdowns", default="4,8,16,32", help="the devices row's factors k (devices k times slower)")
     parser.add_argument("--out", default=str(ROOT / "eval" / "bench" / "results" / "pipeline.txt"))
     args = parser.parse_args()
     rows = args.rows.split(",")
