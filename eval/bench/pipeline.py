@@ -337,14 +337,15 @@ def devices_row(bench: Bench, factors: list[int]) -> None:
     lines.append(f"  this machine on a device's passes (FLOPs of forward and backward of a batch, torch's "
                  f"FlopCounterMode, over the profiled time): split 1 {rates[1]:.1f} GFLOP/s, split 2 "
                  f"{rates[2]:.1f} GFLOP/s, one thread")
-    anything = load_config(bench.path, ["split.split=auto", "split.micro_batches=auto", "split.micro_sizes=auto"])
+    every_candidate = load_config(bench.path, ["split.split=auto", "split.micro_batches=auto",
+                                               "split.micro_sizes=auto"])
     verdicts = []
     for k in factors:
         slow = "{" + ", ".join(f"{u}: {k}" for u in range(DEVICES)) + "}"
         profile = copy.deepcopy(bench.profile)
         profile.slowdown = {u: float(k) for u in range(DEVICES)}
         fed = bench.run(["split.split=-1", "split.micro_batches=1", f"split.slowdown={slow}"])
-        pick = choose(anything, profile, bench.steps)
+        pick = choose(every_candidate, profile, bench.steps)
         lines.append(f"  k={k:<2} federated (split -1: the whole model on each device) epoch {fed['epoch']:5.2f} s; "
                      f"the planner (simulated, every split x M x sizing) picks split {pick.split}, "
                      f"M={pick.micro_batches} {pick.micro_sizes}")
